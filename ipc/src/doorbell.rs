@@ -1,0 +1,244 @@
+//! Spin-then-park notification across processes (DESIGN rule 6).
+//!
+//! The consumer spins a bounded time checking for work, then announces that it is going to
+//! sleep (`sleeping = 1`), re-checks, and waits on a futex word in shared memory. A producer,
+//! after publishing work, looks at `sleeping` and makes the wake-up syscall only when it is
+//! set. The protocol loses no wake-up:
+//!
+//! * consumer: `e = epoch`; `sleeping = 1`; fence(SeqCst) [A]; check for work; futex_wait(e)
+//! * producer: publish work (Release); fence(SeqCst) [B]; if sleeping { epoch += 1; wake }
+//!
+//! Fences A and B are totally ordered: either the consumer's check sees the new work, or the
+//! producer sees `sleeping == 1` and bumps `epoch`, in which case `futex_wait(e)` returns at
+//! once (the kernel compares the word) or the wake reaches the waiter.
+
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::region::{Region, RegionError};
+
+const BELL_MAGIC: u32 = 0xBE11_0001;
+
+#[repr(C, align(64))]
+struct BellShm {
+    /// Futex word: bumped by a producer that wakes a sleeper.
+    epoch: AtomicU32,
+    /// 1 while the consumer is (about to be) parked.
+    sleeping: AtomicU32,
+    magic: AtomicU32,
+    _pad: u32,
+    /// Wake-up syscalls made by producers.
+    wakes: AtomicU64,
+    /// Times the consumer parked.
+    parks: AtomicU64,
+}
+
+/// How long a consumer spins before it parks. The right budget depends on placement: a
+/// consumer sharing its core with its producer must park at once ([`SpinPolicy::PARK_AT_ONCE`]);
+/// one on a dedicated core may spin for ever ([`SpinPolicy::never_park`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpinPolicy {
+    /// Time to spin before parking; `None` spins without end.
+    pub spin: Option<Duration>,
+}
+
+impl SpinPolicy {
+    /// Park as soon as there is no work (shared core).
+    pub const PARK_AT_ONCE: SpinPolicy = SpinPolicy {
+        spin: Some(Duration::ZERO),
+    };
+    /// Spin `d`, then park.
+    pub const fn spin_for(d: Duration) -> SpinPolicy {
+        SpinPolicy { spin: Some(d) }
+    }
+    /// Never park (dedicated core).
+    pub const fn never_park() -> SpinPolicy {
+        SpinPolicy { spin: None }
+    }
+}
+
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// Work was found while spinning.
+    Spun,
+    /// Work was found after parking (or while announcing the park).
+    Woken,
+    /// The timeout passed with no work.
+    TimedOut,
+}
+
+/// A doorbell placed in a region. Any number of producers may ring it; one consumer waits.
+#[derive(Clone, Debug)]
+pub struct Doorbell {
+    region: Region,
+    offset: usize,
+}
+
+impl Doorbell {
+    /// Bytes a doorbell takes in a region.
+    pub const SIZE: usize = std::mem::size_of::<BellShm>();
+    /// Alignment it needs.
+    pub const ALIGN: usize = 64;
+
+    /// Initialises a doorbell at `offset` (creator side).
+    pub fn init(region: &Region, offset: usize) -> Result<Doorbell, RegionError> {
+        region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
+        let bell = Doorbell {
+            region: region.clone(),
+            offset,
+        };
+        let s = bell.shm();
+        s.epoch.store(0, Ordering::Relaxed);
+        s.sleeping.store(0, Ordering::Relaxed);
+        s.magic.store(BELL_MAGIC, Ordering::Release);
+        Ok(bell)
+    }
+
+    /// Attaches to a doorbell initialised elsewhere.
+    pub fn attach(region: &Region, offset: usize) -> Result<Doorbell, RegionError> {
+        region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
+        let bell = Doorbell {
+            region: region.clone(),
+            offset,
+        };
+        if bell.shm().magic.load(Ordering::Acquire) != BELL_MAGIC {
+            return Err(RegionError::BadMagic {
+                found: u64::from(bell.shm().magic.load(Ordering::Relaxed)),
+                expected: u64::from(BELL_MAGIC),
+            });
+        }
+        Ok(bell)
+    }
+
+    fn shm(&self) -> &BellShm {
+        let p = match self.region.ptr_at(self.offset, Self::SIZE, Self::ALIGN) {
+            Ok(p) => p,
+            Err(_) => unreachable!("doorbell offset was validated when the handle was made"),
+        };
+        // SAFETY: in bounds and aligned (checked above), alive as long as `self.region`, and
+        // BellShm is all atomics (plus padding), valid for any bit pattern.
+        unsafe { &*p.cast::<BellShm>() }
+    }
+
+    /// Producer side: call after publishing work. Makes a syscall only if the consumer sleeps.
+    #[inline]
+    pub fn ring(&self) {
+        let s = self.shm();
+        // Sync point B: orders our publish before the `sleeping` load (pairs with fence A).
+        fence(Ordering::SeqCst);
+        if s.sleeping.load(Ordering::Relaxed) != 0 {
+            s.epoch.fetch_add(1, Ordering::SeqCst);
+            s.wakes.fetch_add(1, Ordering::Relaxed);
+            futex_wake(&s.epoch);
+        }
+    }
+
+    /// Consumer side: waits until `ready()` is true, spinning per `policy` then parking, or
+    /// until `timeout` passes. `ready` must be cheap and must load the producer's published
+    /// state with Acquire (or stronger).
+    pub fn wait(
+        &self,
+        policy: SpinPolicy,
+        timeout: Option<Duration>,
+        mut ready: impl FnMut() -> bool,
+    ) -> WaitOutcome {
+        if ready() {
+            return WaitOutcome::Spun;
+        }
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        // Spin phase.
+        let spin_end = policy.spin.map(|s| start + s.min(timeout.unwrap_or(s)));
+        if spin_end.is_none_or(|e| e > start) {
+            let mut i: u32 = 0;
+            loop {
+                if ready() {
+                    return WaitOutcome::Spun;
+                }
+                std::hint::spin_loop();
+                i = i.wrapping_add(1);
+                if i % 64 == 0 {
+                    let now = Instant::now();
+                    if spin_end.is_some_and(|e| now >= e) {
+                        break;
+                    }
+                    if deadline.is_some_and(|d| now >= d) {
+                        return WaitOutcome::TimedOut;
+                    }
+                }
+            }
+        }
+        // Park phase.
+        let s = self.shm();
+        loop {
+            let epoch = s.epoch.load(Ordering::SeqCst);
+            s.sleeping.store(1, Ordering::SeqCst);
+            // Sync point A: orders `sleeping = 1` before the re-check (pairs with fence B).
+            fence(Ordering::SeqCst);
+            if ready() {
+                s.sleeping.store(0, Ordering::Relaxed);
+                return WaitOutcome::Woken;
+            }
+            let remaining = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(r) if !r.is_zero() => Some(r),
+                    _ => {
+                        s.sleeping.store(0, Ordering::Relaxed);
+                        return WaitOutcome::TimedOut;
+                    }
+                },
+                None => None,
+            };
+            s.parks.fetch_add(1, Ordering::Relaxed);
+            futex_wait(&s.epoch, epoch, remaining);
+            s.sleeping.store(0, Ordering::Relaxed);
+            if ready() {
+                return WaitOutcome::Woken;
+            }
+        }
+    }
+
+    /// Wake-up syscalls producers made so far.
+    pub fn wakes(&self) -> u64 {
+        self.shm().wakes.load(Ordering::Relaxed)
+    }
+
+    /// Times the consumer parked so far.
+    pub fn parks(&self) -> u64 {
+        self.shm().parks.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits while `*word == expected`, at most `timeout`. Spurious returns are fine: callers loop.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 in a MAP_SHARED mapping that outlives the call;
+    // FUTEX_WAIT (not _PRIVATE) keys on the physical page, so it works across processes. The
+    // timespec pointer is null or points at a live local. The return value (0, EAGAIN,
+    // ETIMEDOUT, EINTR) needs no handling: the caller re-checks its condition.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as for futex_wait; FUTEX_WAKE only reads the address to find waiters.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}

@@ -12,7 +12,15 @@
 //! * a receiver sets itself as owner ([`BufferPool::take`]) *before* it commits the ring slot;
 //! * a restarted endpoint first scans the rings it sends on and receives from for descriptors
 //!   in flight, then collects the buffers the table says it owns that are not in flight
-//!   ([`BufferPool::reclaim`]). Those are exactly the buffers it held privately.
+//!   ([`BufferPool::recover`]). Those are exactly the buffers it held privately.
+//! * a receiver killed after taking a buffer but before committing its slot reads that slot
+//!   again after restart and finds itself already the owner. That is legitimate only for
+//!   buffers that sat in its incoming rings at recovery ([`Retakes`]); anywhere else a
+//!   descriptor naming a buffer the receiver already holds is a peer's bug and is refused.
+//!
+//! Each table entry also holds a lease counter, bumped at every hand-over and copied into
+//! the descriptors the holder makes: a descriptor pushed by a peer that did not hold the
+//! buffer, or replayed after the buffer moved on, carries an old lease and is refused.
 //!
 //! Scanning the rings before reading the table matters: a receiver that takes a buffer after
 //! our scan must have set its ownership before committing the slot, so our later table read
@@ -45,8 +53,10 @@ impl EndpointId {
 pub struct Descriptor {
     /// Which pool.
     pub pool: u16,
-    /// Free for the protocol carrying the descriptor.
-    pub flags: u16,
+    /// The buffer's lease when the descriptor was made (low 16 bits of the lease counter in
+    /// the ownership table, bumped at every hand-over): a stale or forged descriptor for a
+    /// buffer that has changed hands since does not match and is refused.
+    pub lease: u16,
     /// Buffer index in the pool.
     pub index: u32,
     /// Offset of the first byte in the buffer (headroom lies before the payload).
@@ -94,8 +104,13 @@ pub enum DescError {
     BadIndex { index: u32, count: u32 },
     #[error("span offset {offset} + length {len} exceeds the {size}-byte buffer")]
     BadRange { offset: u32, len: u32, size: u32 },
-    #[error("buffer {index} is not held by the endpoint that handed it over (owner {owner})")]
-    BadOwner { index: u32, owner: u32 },
+    #[error("buffer {index} is not held by the endpoint that handed it over (owner {owner}, lease {lease}, descriptor lease {found})")]
+    BadOwner {
+        index: u32,
+        owner: u32,
+        lease: u16,
+        found: u16,
+    },
 }
 
 /// Why a pool could not be created or opened.
@@ -163,13 +178,13 @@ fn owners_off(base: usize) -> usize {
 }
 
 fn data_off(base: usize, count: u32) -> usize {
-    (owners_off(base) + 4 * count as usize + 4095) & !4095
+    (owners_off(base) + 8 * count as usize + 4095) & !4095
 }
 
 impl BufferPool {
     /// Bytes a pool needs in a region when placed at a 4096-aligned offset.
     pub const fn size_in_region(count: u32, buf_size: u32) -> usize {
-        let owners = (META + 4 * count as usize + 4095) & !4095;
+        let owners = (META + 8 * count as usize + 4095) & !4095;
         owners + count as usize * buf_size as usize
     }
     /// Alignment a pool needs in a region.
@@ -211,7 +226,7 @@ impl BufferPool {
         m.buf_size.store(buf_size, Ordering::Relaxed);
         m.headroom.store(headroom, Ordering::Relaxed);
         for i in 0..count {
-            pool.owner_cell(i).store(home.0, Ordering::Relaxed);
+            pool.owner_cell(i).store(u64::from(home.0), Ordering::Relaxed);
         }
         m.magic.store(POOL_MAGIC, Ordering::Release);
         Ok(pool)
@@ -275,16 +290,23 @@ impl BufferPool {
         unsafe { &*self.base().cast::<PoolMeta>() }
     }
 
-    fn owner_cell(&self, index: u32) -> &AtomicU32 {
+    /// The ownership entry of a buffer: owner in the low 32 bits, lease counter in the high.
+    fn owner_cell(&self, index: u32) -> &AtomicU64 {
         debug_assert!(index < self.count);
         // SAFETY: index < count (callers check), so the cell lies in the owner table, which
-        // was bounds-checked with the whole pool; 4-aligned; an atomic is valid for any bits.
+        // was bounds-checked with the whole pool; 8-aligned (table at base+128); an atomic is
+        // valid for any bits.
         unsafe {
             &*self
                 .base()
-                .add(owners_off(0) + 4 * index as usize)
-                .cast::<AtomicU32>()
+                .add(owners_off(0) + 8 * index as usize)
+                .cast::<AtomicU64>()
         }
+    }
+
+    fn entry(&self, index: u32) -> (u32, u32) {
+        let e = self.owner_cell(index).load(Ordering::Acquire);
+        (e as u32, (e >> 32) as u32)
     }
 
     fn buf_ptr(&self, index: u32) -> *mut u8 {
@@ -351,34 +373,58 @@ impl BufferPool {
 
     /// Receives a buffer: validates the descriptor and checks it came from `from` (the
     /// sender keeps ownership while the descriptor is on the ring), then records `me` as owner.
-    /// Call it before committing the ring slot that carried the descriptor.
-    pub fn take(&self, d: &Descriptor, from: EndpointId, me: EndpointId) -> Result<BufRef, DescError> {
+    /// Call it before committing the ring slot that carried the descriptor. A buffer `me`
+    /// already owns is accepted only once per entry in `retakes` (see [`BufferPool::recover`]).
+    pub fn take(
+        &self,
+        d: &Descriptor,
+        from: EndpointId,
+        me: EndpointId,
+        retakes: &mut Retakes,
+    ) -> Result<BufRef, DescError> {
         let r = self.check(d)?;
-        let cell = self.owner_cell(r.index);
-        let owner = cell.load(Ordering::Acquire);
-        // `owner == me` happens when a restarted receiver re-reads a slot it had already
-        // taken but not committed: taking it again is the same state.
-        if owner != from.0 && owner != me.0 {
+        let (owner, lease) = self.entry(r.index);
+        let handed_over = owner == from.0 && d.lease == lease as u16;
+        // A re-take: our predecessor took it (bumping the lease) but never committed the slot.
+        let retaken = owner == me.0
+            && d.lease == lease.wrapping_sub(1) as u16
+            && retakes.0.remove(&r.index);
+        if handed_over {
+            let next = (u64::from(lease.wrapping_add(1)) << 32) | u64::from(me.0);
+            self.owner_cell(r.index).store(next, Ordering::Release);
+        } else if !retaken {
             self.meta().drop_bad_owner.fetch_add(1, Ordering::Relaxed);
-            return Err(DescError::BadOwner { index: r.index, owner });
+            return Err(DescError::BadOwner {
+                index: r.index,
+                owner,
+                lease: lease as u16,
+                found: d.lease,
+            });
         }
-        cell.store(me.0, Ordering::Release);
         Ok(r)
     }
 
     /// Who holds buffer `index` (None if out of range).
     pub fn owner(&self, index: u32) -> Option<EndpointId> {
-        (index < self.count).then(|| EndpointId(self.owner_cell(index).load(Ordering::Acquire)))
+        (index < self.count).then(|| EndpointId(self.entry(index).0))
     }
 
-    /// A descriptor for `len` bytes of buffer `index` starting after the headroom.
+    /// A descriptor for `len` bytes of buffer `index` starting after the headroom, carrying
+    /// the buffer's current lease. Only the buffer's holder should make one.
     pub fn descriptor(&self, index: u32, len: u32) -> Descriptor {
+        self.span(index, self.headroom, len.min(self.buf_size - self.headroom))
+    }
+
+    /// A descriptor for `len` bytes at `offset` of buffer `index` (not validated: consumers
+    /// validate), carrying the buffer's current lease.
+    pub fn span(&self, index: u32, offset: u32, len: u32) -> Descriptor {
+        let lease = if index < self.count { self.entry(index).1 as u16 } else { 0 };
         Descriptor {
             pool: self.id,
-            flags: 0,
+            lease,
             index,
-            offset: self.headroom,
-            len: len.min(self.buf_size - self.headroom),
+            offset,
+            len,
         }
     }
 
@@ -386,7 +432,7 @@ impl BufferPool {
     pub fn write(&self, index: u32, offset: u32, data: &[u8]) -> Result<(), DescError> {
         let r = self.check(&Descriptor {
             pool: self.id,
-            flags: 0,
+            lease: 0,
             index,
             offset,
             len: u32::try_from(data.len()).unwrap_or(u32::MAX),
@@ -439,8 +485,7 @@ impl BufferPool {
     }
 
     /// Buffers the table says `me` holds that are not in `in_flight` (descriptors scanned from
-    /// every ring `me` sends on or receives from, scanned *before* this call). After a crash,
-    /// a fresh instance of `me` gets exactly the buffers its predecessor held privately.
+    /// every ring `me` sends on or receives from, scanned *before* this call).
     pub fn reclaim(&self, me: EndpointId, in_flight: &[Descriptor]) -> Vec<u32> {
         let busy: HashSet<u32> = in_flight
             .iter()
@@ -448,16 +493,42 @@ impl BufferPool {
             .map(|d| d.index)
             .collect();
         (0..self.count)
-            .filter(|&i| self.owner_cell(i).load(Ordering::Acquire) == me.0 && !busy.contains(&i))
+            .filter(|&i| self.entry(i).0 == me.0 && !busy.contains(&i))
             .collect()
+    }
+
+    /// What a fresh instance of `me` recovers after a crash, given the descriptors in flight on
+    /// the rings it sends on (`outgoing`) and receives from (`incoming`), both scanned with
+    /// [`crate::Ring::in_flight`] *before* this call:
+    /// * the buffers its predecessor held privately (owned by `me`, on no ring);
+    /// * the buffers its predecessor had taken from an incoming slot it never committed: the
+    ///   fresh instance will read those slots again, and may take each such buffer once more.
+    pub fn recover(&self, me: EndpointId, outgoing: &[Descriptor], incoming: &[Descriptor]) -> (Vec<u32>, Retakes) {
+        // Leases tell the cases apart exactly: a descriptor we sent that is still in flight
+        // carries the current lease; one we had taken carries the lease before our take.
+        let mine = |d: &Descriptor, lag: u32| {
+            d.pool == self.id && d.index < self.count && {
+                let (owner, lease) = self.entry(d.index);
+                owner == me.0 && d.lease == lease.wrapping_sub(lag) as u16
+            }
+        };
+        let sent: HashSet<u32> = outgoing.iter().filter(|d| mine(d, 0)).map(|d| d.index).collect();
+        let retakes: HashSet<u32> = incoming
+            .iter()
+            .filter(|d| mine(d, 1) && !sent.contains(&d.index))
+            .map(|d| d.index)
+            .collect();
+        let held = (0..self.count)
+            .filter(|i| self.entry(*i).0 == me.0 && !sent.contains(i) && !retakes.contains(i))
+            .collect();
+        (held, Retakes(retakes))
     }
 
     /// How many buffers each endpoint holds.
     pub fn accounting(&self) -> BTreeMap<EndpointId, u32> {
         let mut m = BTreeMap::new();
         for i in 0..self.count {
-            *m.entry(EndpointId(self.owner_cell(i).load(Ordering::Acquire)))
-                .or_insert(0) += 1;
+            *m.entry(EndpointId(self.entry(i).0)).or_insert(0) += 1;
         }
         m
     }
@@ -474,6 +545,26 @@ impl BufferPool {
     }
 }
 
+/// Buffers a restarted receiver may take although it already owns them: those it had taken
+/// from an incoming slot that its predecessor never committed. Each may be re-taken once.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Retakes(HashSet<u32>);
+
+impl Retakes {
+    /// No re-takes: a receiver that has not crashed.
+    pub fn none() -> Retakes {
+        Retakes::default()
+    }
+    /// Re-takes still allowed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// True when none is left.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The private free list of a pool's home endpoint (or a client's cache of granted buffers).
 /// Rebuilt after a restart from [`BufferPool::reclaim`].
 #[derive(Debug, Clone)]
@@ -481,6 +572,7 @@ pub struct FreeList {
     me: EndpointId,
     list: Vec<u32>,
     member: Vec<bool>,
+    retakes: Retakes,
 }
 
 impl FreeList {
@@ -490,15 +582,20 @@ impl FreeList {
             me,
             list: Vec::with_capacity(pool.count() as usize),
             member: vec![false; pool.count() as usize],
+            retakes: Retakes::none(),
         }
     }
 
-    /// The list a restarted endpoint starts with: every buffer it holds that is not in flight.
-    pub fn recover(pool: &BufferPool, me: EndpointId, in_flight: &[Descriptor]) -> FreeList {
+    /// The list a restarted endpoint starts with: every buffer it holds that is on no ring,
+    /// and the right to re-take what it had taken from `incoming` without committing
+    /// (see [`BufferPool::recover`]).
+    pub fn recover(pool: &BufferPool, me: EndpointId, outgoing: &[Descriptor], incoming: &[Descriptor]) -> FreeList {
         let mut f = FreeList::new(pool, me);
-        for i in pool.reclaim(me, in_flight) {
+        let (held, retakes) = pool.recover(me, outgoing, incoming);
+        for i in held {
             f.put(i);
         }
+        f.retakes = retakes;
         f
     }
 
@@ -575,7 +672,7 @@ impl FreeList {
             }
             let mut took = Vec::with_capacity(n);
             for d in &buf[..n] {
-                if let Ok(r) = pool.take(d, from, self.me) {
+                if let Ok(r) = pool.take(d, from, self.me, &mut self.retakes) {
                     took.push(r.index());
                 }
             }

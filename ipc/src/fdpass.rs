@@ -85,3 +85,37 @@ pub fn recv_fds(sock: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Ve
     }
     Ok((msg.bytes, fds))
 }
+
+static TAKEN: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes ownership of an fd inherited across exec (its number came in an environment variable
+/// or argument). Refuses a number that is not open, or that was already taken in this process,
+/// so no two owners can close the same fd.
+pub fn take_inherited(fd: RawFd) -> std::io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("fd {fd} is a standard stream, not an inherited region"),
+        ));
+    }
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    if taken.contains(&fd) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("inherited fd {fd} was already taken"),
+        ));
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("inherited fd {fd} is not open: {e}"),
+        )
+    })?;
+    taken.push(fd);
+    // SAFETY: the fd is open (checked), and the registry above guarantees this function hands
+    // it out once; inherited fds are not owned by anything else in a freshly exec'd process.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Keep it from leaking into the server's own children.
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    Ok(owned)
+}

@@ -329,4 +329,21 @@ impl Region {
         // access from other processes is atomic access like any other thread's.
         Ok(unsafe { &*p.cast::<AtomicU64>() })
     }
+
+    /// Copies `data` into the region at `offset` (bounds-checked, after the header).
+    pub fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<(), RegionError> {
+        let p = self.ptr_at(offset, data.len(), 1)?;
+        // SAFETY: `p..p+len` is inside the mapping (checked); a byte copy from a private slice
+        // forms no reference to shared memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes at `offset` out of the region (bounds-checked).
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> Result<(), RegionError> {
+        let p = self.ptr_at(offset, out.len(), 1)?;
+        // SAFETY: in bounds (checked); copying into a private slice.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
 }

@@ -1,0 +1,205 @@
+//! How a server process is started: the environment contract between the supervisor (or a
+//! test acting as one) and a server binary.
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `KEEPNET_CONTROL_FD` | fd number of the server's control region (inherited) |
+//! | `KEEPNET_REGIONS` | other inherited regions, `name=fd,name=fd` |
+//! | `KEEPNET_CORE` | core to pin to, or `none` |
+//! | `KEEPNET_SPIN_NS` | spin budget before parking, in ns, or `forever` (dedicated core) |
+//! | `KEEPNET_PARK_TIMEOUT_MS` | longest park; bounds the heartbeat period while idle |
+//! | `KEEPNET_STANDBY` | `1`: start as a live-update successor and wait for the handover |
+//! | `KEEPNET_LOG` | tracing filter (`info`, `keepnet=debug`, ...) |
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::process::Command;
+use std::time::Duration;
+
+use keepnet_ipc::{Region, RegionError, RegionKind, SpinPolicy};
+
+use crate::control::{ControlBlock, ControlError};
+use crate::runtime::RunOptions;
+
+/// Why a server could not start from its environment.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("{var} is not set: this program is a keepnet server and is started by the supervisor")]
+    Missing { var: &'static str },
+    #[error("{var}={value:?} is invalid: {why}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("inherited fd for {what}: {source}")]
+    Fd {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("region {name}: {source}")]
+    Region {
+        name: String,
+        #[source]
+        source: RegionError,
+    },
+    #[error("no region named {0:?} was handed to this server")]
+    NoRegion(String),
+    #[error("control region: {0}")]
+    Control(#[from] ControlError),
+}
+
+/// What a server starts with: its control block, the regions handed to it, run options.
+pub struct Boot {
+    control: ControlBlock,
+    regions: BTreeMap<String, OwnedFd>,
+    options: RunOptions,
+}
+
+fn var(name: &'static str) -> Result<Option<String>, BootError> {
+    match std::env::var(name) {
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(BootError::Invalid {
+            var: name,
+            value: v.to_string_lossy().into_owned(),
+            why: "not UTF-8".into(),
+        }),
+    }
+}
+
+fn parse_fd(var: &'static str, s: &str) -> Result<RawFd, BootError> {
+    s.trim().parse::<RawFd>().map_err(|e| BootError::Invalid {
+        var,
+        value: s.into(),
+        why: e.to_string(),
+    })
+}
+
+impl Boot {
+    /// Reads the environment contract above.
+    pub fn from_env() -> Result<Boot, BootError> {
+        let cfd = var("KEEPNET_CONTROL_FD")?.ok_or(BootError::Missing {
+            var: "KEEPNET_CONTROL_FD",
+        })?;
+        let cfd = parse_fd("KEEPNET_CONTROL_FD", &cfd)?;
+        let owned = keepnet_ipc::fdpass::take_inherited(cfd).map_err(|source| BootError::Fd {
+            what: "control".into(),
+            source,
+        })?;
+        let region = Region::open(owned, RegionKind::CONTROL).map_err(|source| BootError::Region {
+            name: "control".into(),
+            source,
+        })?;
+        let control = ControlBlock::open(region)?;
+        let mut regions = BTreeMap::new();
+        if let Some(list) = var("KEEPNET_REGIONS")? {
+            for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+                let (name, fd) = item.split_once('=').ok_or_else(|| BootError::Invalid {
+                    var: "KEEPNET_REGIONS",
+                    value: list.clone(),
+                    why: format!("{item:?} is not name=fd"),
+                })?;
+                let fd = parse_fd("KEEPNET_REGIONS", fd)?;
+                let owned = keepnet_ipc::fdpass::take_inherited(fd).map_err(|source| BootError::Fd {
+                    what: name.into(),
+                    source,
+                })?;
+                regions.insert(name.to_string(), owned);
+            }
+        }
+        let core = match var("KEEPNET_CORE")?.as_deref().map(str::trim) {
+            None | Some("") | Some("none") => None,
+            Some(c) => Some(c.parse::<usize>().map_err(|e| BootError::Invalid {
+                var: "KEEPNET_CORE",
+                value: c.into(),
+                why: e.to_string(),
+            })?),
+        };
+        let spin = match var("KEEPNET_SPIN_NS")?.as_deref().map(str::trim) {
+            None | Some("") => SpinPolicy::PARK_AT_ONCE,
+            Some("forever") => SpinPolicy::never_park(),
+            Some(n) => SpinPolicy::spin_for(Duration::from_nanos(n.parse::<u64>().map_err(|e| {
+                BootError::Invalid {
+                    var: "KEEPNET_SPIN_NS",
+                    value: n.into(),
+                    why: e.to_string(),
+                }
+            })?)),
+        };
+        let park_timeout = match var("KEEPNET_PARK_TIMEOUT_MS")?.as_deref().map(str::trim) {
+            None | Some("") => RunOptions::default().park_timeout,
+            Some(n) => Duration::from_millis(n.parse::<u64>().map_err(|e| BootError::Invalid {
+                var: "KEEPNET_PARK_TIMEOUT_MS",
+                value: n.into(),
+                why: e.to_string(),
+            })?),
+        };
+        let standby = matches!(var("KEEPNET_STANDBY")?.as_deref().map(str::trim), Some("1"));
+        Ok(Boot {
+            control,
+            regions,
+            options: RunOptions {
+                core,
+                spin,
+                park_timeout,
+                standby,
+            },
+        })
+    }
+
+    /// The server's control block.
+    pub fn control(&self) -> &ControlBlock {
+        &self.control
+    }
+
+    /// Run options from the environment.
+    pub fn options(&self) -> &RunOptions {
+        &self.options
+    }
+
+    /// Maps the region handed over under `name` (each can be taken once).
+    pub fn region(&mut self, name: &str, kind: RegionKind) -> Result<Region, BootError> {
+        let fd = self
+            .regions
+            .remove(name)
+            .ok_or_else(|| BootError::NoRegion(name.into()))?;
+        Region::open(fd, kind).map_err(|source| BootError::Region {
+            name: name.into(),
+            source,
+        })
+    }
+
+    pub(crate) fn into_parts(self) -> (ControlBlock, RunOptions) {
+        (self.control, self.options)
+    }
+}
+
+/// Supervisor side: sets up `cmd` to start a server with `control`, the named `regions` and
+/// `options`, per the environment contract above.
+pub fn prepare(cmd: &mut Command, control: &ControlBlock, regions: &[(&str, &Region)], options: &RunOptions) {
+    let mut fds = vec![control.region().fd()];
+    let mut list = Vec::new();
+    for (name, r) in regions {
+        fds.push(r.fd());
+        list.push(format!("{name}={}", r.fd().as_raw_fd()));
+    }
+    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    keepnet_ipc::fdpass::inherit_fds(cmd, &fds);
+    cmd.env("KEEPNET_CONTROL_FD", control.region().fd().as_raw_fd().to_string())
+        .env("KEEPNET_REGIONS", list.join(","))
+        .env(
+            "KEEPNET_CORE",
+            options.core.map_or_else(|| "none".to_string(), |c| c.to_string()),
+        )
+        .env(
+            "KEEPNET_SPIN_NS",
+            options
+                .spin
+                .spin
+                .map_or_else(|| "forever".to_string(), |d| d.as_nanos().to_string()),
+        )
+        .env("KEEPNET_PARK_TIMEOUT_MS", options.park_timeout.as_millis().to_string())
+        .env("KEEPNET_STANDBY", if options.standby { "1" } else { "0" });
+}

@@ -1,0 +1,480 @@
+//! The control region of one server: what the supervisor and the server share about it.
+//!
+//! | part | written by | read by |
+//! |---|---|---|
+//! | [`ControlShm`]: pid, core, state, heartbeat, work counter, batch timestamps | server | supervisor, status |
+//! | generation (own cache line) | server, bumped at each start | peers, supervisor |
+//! | doorbell | producers into this server (the supervisor too) | the server parks on it |
+//! | command ring | supervisor | server |
+//! | reply ring | server | supervisor |
+//! | snapshot area: length + bytes | server on `Snapshot`, supervisor for a successor | server on `Restore` |
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keepnet_ipc::{Doorbell, Generation, Pod, Region, RegionError, RegionKind, RegionLayout, Ring, RingError};
+
+const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"KNCTRL01");
+const CMD_TAG: u32 = 0xC0DE_0001;
+const REPLY_TAG: u32 = 0xC0DE_0002;
+const RING_CAP: usize = 64;
+
+/// What a server is doing, as the supervisor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ServerState {
+    /// Not started yet (or the region is fresh).
+    Down = 0,
+    /// Mapping regions, restoring state.
+    Starting = 1,
+    /// Polling its rings.
+    Running = 2,
+    /// Stopped at a batch boundary on request; rings buffer traffic meanwhile.
+    Quiesced = 3,
+    /// Exited cleanly on request.
+    Stopped = 4,
+}
+
+impl ServerState {
+    fn from_u32(v: u32) -> Option<ServerState> {
+        Some(match v {
+            0 => ServerState::Down,
+            1 => ServerState::Starting,
+            2 => ServerState::Running,
+            3 => ServerState::Quiesced,
+            4 => ServerState::Stopped,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name for status output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServerState::Down => "down",
+            ServerState::Starting => "starting",
+            ServerState::Running => "running",
+            ServerState::Quiesced => "quiesced",
+            ServerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// A supervisor request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Stop polling at the next batch boundary and reply `Ok`.
+    Quiesce,
+    /// Write a snapshot of private state into the snapshot area; reply with its length.
+    Snapshot,
+    /// Restore private state from the snapshot area (a successor in standby).
+    Restore,
+    /// Go back to polling.
+    Resume,
+    /// Exit cleanly.
+    Stop,
+}
+
+/// A slot on the command and reply rings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControlMsg {
+    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop; replies: 100 Ok, 101 Err.
+    pub kind: u32,
+    /// The request id a reply answers.
+    pub seq: u32,
+    /// A value: snapshot length, error code.
+    pub value: u64,
+}
+
+// The one unsafe item in this crate: promising the Pod contract for a shared slot type.
+// SAFETY: repr(C) integers only, no padding (4 + 4 + 8), valid for any bits, no pointers.
+#[allow(unsafe_code)]
+unsafe impl Pod for ControlMsg {}
+
+impl ControlMsg {
+    /// Reply kind: success.
+    pub const OK: u32 = 100;
+    /// Reply kind: failure (value is an error code).
+    pub const ERR: u32 = 101;
+
+    /// Encodes a command.
+    pub fn command(c: Command, seq: u32) -> ControlMsg {
+        let kind = match c {
+            Command::Quiesce => 1,
+            Command::Snapshot => 2,
+            Command::Restore => 3,
+            Command::Resume => 4,
+            Command::Stop => 5,
+        };
+        ControlMsg { kind, seq, value: 0 }
+    }
+
+    /// Decodes a command; None for an unknown kind (counted and ignored by the server).
+    pub fn as_command(&self) -> Option<Command> {
+        Some(match self.kind {
+            1 => Command::Quiesce,
+            2 => Command::Snapshot,
+            3 => Command::Restore,
+            4 => Command::Resume,
+            5 => Command::Stop,
+            _ => return None,
+        })
+    }
+}
+
+/// Shared fields of the control block. Never referenced directly: each field is an
+/// `AtomicU64` reached through [`Region::atomic_u64`] at its `offset_of!`, so this crate needs
+/// no `unsafe`.
+#[repr(C, align(128))]
+struct ControlShm {
+    magic: u64,
+    pid: u64,
+    /// Core the server pinned itself to, or u64::MAX.
+    core: u64,
+    state: u64,
+    /// Bumped every loop iteration, parked or not (the park has a timeout): a stalled
+    /// heartbeat means the server is stopped or stuck.
+    heartbeat: u64,
+    /// Items of work done in total.
+    work: u64,
+    /// CLOCK_MONOTONIC ns of the end of the last batch that did work.
+    last_batch_ns: u64,
+    /// CLOCK_MONOTONIC ns of the first batch after the last start or resume.
+    first_batch_ns: u64,
+    /// Unknown control messages dropped.
+    bad_commands: u64,
+    snapshot_capacity: u64,
+    snapshot_len: u64,
+    /// Pid of a successor waiting in standby (live update), 0 if none.
+    standby_pid: u64,
+    /// Set by the supervisor to release a standby successor: see [`Handover`].
+    handover: u64,
+    /// Written by the successor: 1 took over, 2 refused (it then exits non-zero).
+    handover_result: u64,
+}
+
+/// What a standby successor is told to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    /// Still waiting.
+    Wait = 0,
+    /// Build, restore the snapshot area, run.
+    Restore = 1,
+    /// Build and run from scratch.
+    Fresh = 2,
+    /// Exit without taking over.
+    Abort = 3,
+}
+
+macro_rules! field {
+    ($name:ident) => {
+        std::mem::offset_of!(ControlShm, $name)
+    };
+}
+
+/// Offsets of everything in a control region.
+#[derive(Clone, Copy, Debug)]
+struct Offsets {
+    shm: usize,
+    generation: usize,
+    bell: usize,
+    standby_bell: usize,
+    cmd: usize,
+    reply: usize,
+    snapshot: usize,
+    size: usize,
+}
+
+fn offsets(snapshot_capacity: usize) -> Offsets {
+    let mut l = RegionLayout::new();
+    let shm = l.place(std::mem::size_of::<ControlShm>(), 128);
+    let generation = l.place(Generation::SIZE, Generation::ALIGN);
+    let bell = l.place(Doorbell::SIZE, Doorbell::ALIGN);
+    let standby_bell = l.place(Doorbell::SIZE, Doorbell::ALIGN);
+    let cmd = l.place(Ring::<ControlMsg>::size_in_region(RING_CAP), Ring::<ControlMsg>::ALIGN);
+    let reply = l.place(Ring::<ControlMsg>::size_in_region(RING_CAP), Ring::<ControlMsg>::ALIGN);
+    let snapshot = l.place(snapshot_capacity, 64);
+    Offsets {
+        shm,
+        generation,
+        bell,
+        standby_bell,
+        cmd,
+        reply,
+        snapshot,
+        size: l.size(),
+    }
+}
+
+/// Why a control block could not be made or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("not a control block (magic {0:#018x})")]
+    BadMagic(u64),
+    #[error("snapshot of {len} bytes does not fit the {capacity}-byte snapshot area")]
+    SnapshotTooBig { len: usize, capacity: usize },
+    #[error("snapshot area holds a length of {len} bytes, more than its {capacity}-byte capacity")]
+    SnapshotCorrupt { len: u64, capacity: u64 },
+}
+
+/// A handle on a server's control region. The supervisor creates it; the server opens it.
+#[derive(Clone, Debug)]
+pub struct ControlBlock {
+    region: Region,
+    off: Offsets,
+    snapshot_capacity: usize,
+    generation: Generation,
+    bell: Doorbell,
+}
+
+/// Monotonic clock in nanoseconds (CLOCK_MONOTONIC, comparable across processes).
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64).saturating_mul(1_000_000_000) + ts.tv_nsec() as u64,
+        Err(_) => 0,
+    }
+}
+
+impl ControlBlock {
+    /// Creates a control region for server `name` with a snapshot area of the given size.
+    pub fn create(name: &str, snapshot_capacity: usize) -> Result<ControlBlock, ControlError> {
+        let off = offsets(snapshot_capacity);
+        let region = Region::create(&format!("{name}-control"), RegionKind::CONTROL, off.size)?;
+        Ring::<ControlMsg>::init(&region, off.cmd, RING_CAP, CMD_TAG)?;
+        Ring::<ControlMsg>::init(&region, off.reply, RING_CAP, REPLY_TAG)?;
+        let bell = Doorbell::init(&region, off.bell)?;
+        Doorbell::init(&region, off.standby_bell)?;
+        let generation = Generation::attach(&region, off.generation)?;
+        let cb = ControlBlock {
+            region,
+            off,
+            snapshot_capacity,
+            generation,
+            bell,
+        };
+        cb.cell(field!(core)).store(u64::MAX, Ordering::Relaxed);
+        cb.cell(field!(snapshot_capacity)).store(snapshot_capacity as u64, Ordering::Relaxed);
+        cb.cell(field!(magic)).store(CONTROL_MAGIC, Ordering::Release);
+        Ok(cb)
+    }
+
+    /// Opens a control region received from the supervisor.
+    pub fn open(region: Region) -> Result<ControlBlock, ControlError> {
+        let probe = offsets(0);
+        let magic = region.atomic_u64(probe.shm + field!(magic))?.load(Ordering::Acquire);
+        if magic != CONTROL_MAGIC {
+            return Err(ControlError::BadMagic(magic));
+        }
+        let cap_cell = region.atomic_u64(probe.shm + field!(snapshot_capacity))?;
+        let capacity = usize::try_from(cap_cell.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        if capacity > region.len() {
+            return Err(ControlError::SnapshotCorrupt {
+                len: capacity as u64,
+                capacity: region.len() as u64,
+            });
+        }
+        let off = offsets(capacity);
+        // The whole layout must fit the region we were handed.
+        region.ptr_at(off.snapshot, capacity, 64)?;
+        let bell = Doorbell::attach(&region, off.bell)?;
+        Doorbell::attach(&region, off.standby_bell)?;
+        let generation = Generation::attach(&region, off.generation)?;
+        Ok(ControlBlock {
+            region,
+            off,
+            snapshot_capacity: capacity,
+            generation,
+            bell,
+        })
+    }
+
+    /// The region behind this block (to hand to the server).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    fn cell(&self, field: usize) -> &AtomicU64 {
+        match self.region.atomic_u64(self.off.shm + field) {
+            Ok(c) => c,
+            Err(_) => unreachable!("control layout was validated when the handle was made"),
+        }
+    }
+
+    /// The server's doorbell: producers into the server ring it.
+    pub fn doorbell(&self) -> &Doorbell {
+        &self.bell
+    }
+
+    /// The server's generation.
+    pub fn generation(&self) -> &Generation {
+        &self.generation
+    }
+
+    /// The command ring (supervisor produces, server consumes).
+    pub fn commands(&self) -> Result<Ring<ControlMsg>, RingError> {
+        Ring::open(&self.region, self.off.cmd, CMD_TAG)
+    }
+
+    /// The reply ring (server produces, supervisor consumes).
+    pub fn replies(&self) -> Result<Ring<ControlMsg>, RingError> {
+        Ring::open(&self.region, self.off.reply, REPLY_TAG)
+    }
+
+    /// Pid of the server that last started on this block.
+    pub fn pid(&self) -> u32 {
+        self.cell(field!(pid)).load(Ordering::Acquire) as u32
+    }
+    pub(crate) fn set_pid(&self, pid: u32) {
+        self.cell(field!(pid)).store(u64::from(pid), Ordering::Release)
+    }
+
+    /// Core the server is pinned to, if any.
+    pub fn core(&self) -> Option<usize> {
+        let c = self.cell(field!(core)).load(Ordering::Acquire);
+        (c != u64::MAX).then_some(c as usize)
+    }
+    pub(crate) fn set_core(&self, core: Option<usize>) {
+        self.cell(field!(core)).store(core.map_or(u64::MAX, |c| c as u64), Ordering::Release)
+    }
+
+    /// State as last published by the server (None if the field holds garbage).
+    pub fn state(&self) -> Option<ServerState> {
+        u32::try_from(self.cell(field!(state)).load(Ordering::Acquire))
+            .ok()
+            .and_then(ServerState::from_u32)
+    }
+    pub(crate) fn set_state(&self, s: ServerState) {
+        self.cell(field!(state)).store(s as u64, Ordering::Release)
+    }
+
+    /// Heartbeat counter.
+    pub fn heartbeat(&self) -> u64 {
+        self.cell(field!(heartbeat)).load(Ordering::Acquire)
+    }
+    pub(crate) fn beat(&self) {
+        self.cell(field!(heartbeat)).fetch_add(1, Ordering::Release);
+    }
+
+    /// Work items done in total.
+    pub fn work(&self) -> u64 {
+        self.cell(field!(work)).load(Ordering::Relaxed)
+    }
+    pub(crate) fn add_work(&self, n: u64, now: u64) {
+        self.cell(field!(work)).fetch_add(n, Ordering::Relaxed);
+        self.cell(field!(last_batch_ns)).store(now, Ordering::Release);
+        let _ = self.cell(field!(first_batch_ns)).compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+    }
+    pub(crate) fn reset_first_batch(&self) {
+        self.cell(field!(first_batch_ns)).store(0, Ordering::Release);
+    }
+
+    /// Monotonic ns of the last batch that did work (0 if none).
+    pub fn last_batch_ns(&self) -> u64 {
+        self.cell(field!(last_batch_ns)).load(Ordering::Acquire)
+    }
+
+    /// Monotonic ns of the first batch after the last start or resume (0 if none yet).
+    pub fn first_batch_ns(&self) -> u64 {
+        self.cell(field!(first_batch_ns)).load(Ordering::Acquire)
+    }
+
+    /// Unknown control messages the server dropped.
+    pub fn bad_commands(&self) -> u64 {
+        self.cell(field!(bad_commands)).load(Ordering::Relaxed)
+    }
+    pub(crate) fn count_bad_command(&self) {
+        self.cell(field!(bad_commands)).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The doorbell a standby successor parks on.
+    pub fn standby_doorbell(&self) -> Doorbell {
+        match Doorbell::attach(&self.region, self.off.standby_bell) {
+            Ok(b) => b,
+            Err(_) => unreachable!("standby doorbell was validated when the handle was made"),
+        }
+    }
+
+    /// Pid of the successor waiting in standby (0 if none).
+    pub fn standby_pid(&self) -> u32 {
+        self.cell(field!(standby_pid)).load(Ordering::Acquire) as u32
+    }
+    pub(crate) fn set_standby_pid(&self, pid: u32) {
+        self.cell(field!(standby_pid)).store(u64::from(pid), Ordering::Release)
+    }
+
+    /// The current handover order.
+    pub fn handover(&self) -> Handover {
+        match self.cell(field!(handover)).load(Ordering::Acquire) {
+            1 => Handover::Restore,
+            2 => Handover::Fresh,
+            3 => Handover::Abort,
+            _ => Handover::Wait,
+        }
+    }
+
+    /// Supervisor: releases the standby successor (after the predecessor has exited and so
+    /// released its rings). Resets the result first.
+    pub fn hand_over(&self, order: Handover) {
+        self.cell(field!(handover_result)).store(0, Ordering::Release);
+        self.cell(field!(handover)).store(order as u64, Ordering::Release);
+        self.standby_doorbell().ring();
+    }
+
+    /// Supervisor: prepares the block for a new standby successor.
+    pub fn clear_handover(&self) {
+        self.cell(field!(handover)).store(0, Ordering::Release);
+        self.cell(field!(handover_result)).store(0, Ordering::Release);
+        self.cell(field!(standby_pid)).store(0, Ordering::Release);
+    }
+
+    /// The successor's answer: None while pending, Some(true) took over, Some(false) refused.
+    pub fn handover_result(&self) -> Option<bool> {
+        match self.cell(field!(handover_result)).load(Ordering::Acquire) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+    pub(crate) fn set_handover_result(&self, ok: bool) {
+        self.cell(field!(handover_result)).store(if ok { 1 } else { 2 }, Ordering::Release)
+    }
+
+    /// Stores a snapshot in the snapshot area.
+    pub fn write_snapshot(&self, bytes: &[u8]) -> Result<(), ControlError> {
+        if bytes.len() > self.snapshot_capacity {
+            return Err(ControlError::SnapshotTooBig {
+                len: bytes.len(),
+                capacity: self.snapshot_capacity,
+            });
+        }
+        self.region.write_bytes(self.off.snapshot, bytes)?;
+        self.cell(field!(snapshot_len)).store(bytes.len() as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// Copies the snapshot area out (the length is checked against the capacity).
+    pub fn read_snapshot(&self) -> Result<Vec<u8>, ControlError> {
+        let len = self.cell(field!(snapshot_len)).load(Ordering::Acquire);
+        if len > self.snapshot_capacity as u64 {
+            return Err(ControlError::SnapshotCorrupt {
+                len,
+                capacity: self.snapshot_capacity as u64,
+            });
+        }
+        let mut out = vec![0u8; len as usize];
+        self.region.read_bytes(self.off.snapshot, &mut out)?;
+        Ok(out)
+    }
+
+    /// Heartbeat check for the supervisor: true if the heartbeat moved within `within`
+    /// (sampled twice, sleeping in between). For status tools, not the data path.
+    pub fn heartbeat_moves(&self, within: Duration) -> bool {
+        let a = self.heartbeat();
+        std::thread::sleep(within);
+        self.heartbeat() != a
+    }
+}

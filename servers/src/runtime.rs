@@ -1,0 +1,313 @@
+//! The main loop every server runs.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use keepnet_ipc::{Ring, RingError, SpinPolicy, WaitOutcome};
+use tracing::{error, info, info_span, warn};
+
+use crate::boot::Boot;
+use crate::control::{monotonic_ns, Command, ControlBlock, ControlError, ControlMsg, Handover, ServerState};
+
+/// Work done by one poll: items processed (frames, segments, datagrams...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Progress(pub u64);
+
+impl Progress {
+    /// Nothing to do.
+    pub const IDLE: Progress = Progress(0);
+}
+
+/// Why a server stopped or refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("fatal: {0}")]
+    Fatal(String),
+    #[error("snapshot failed: {0}")]
+    Snapshot(String),
+    #[error("restore refused: {0}")]
+    Restore(String),
+    #[error("control ring: {0}")]
+    Ring(#[from] RingError),
+    #[error("control block: {0}")]
+    Control(#[from] ControlError),
+    #[error("boot: {0}")]
+    Boot(#[from] crate::boot::BootError),
+}
+
+/// A server: polled one batch at a time by [`run`].
+pub trait Server {
+    /// Processes one batch of work (bounded: a few dozen items) and says how much was done.
+    /// Returning an error stops the server with a non-zero exit (the supervisor restarts it).
+    fn poll(&mut self) -> Result<Progress, ServerError>;
+
+    /// Cheap check, without side effects beyond refreshing cached ring indices, of whether
+    /// [`Server::poll`] would find work. Used to re-check before parking.
+    fn has_work(&mut self) -> bool;
+
+    /// Serializes private state (called while quiesced, at a batch boundary). Use
+    /// [`crate::codec::encode`].
+    fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
+        Ok(Vec::new())
+    }
+
+    /// Restores private state written by a predecessor's [`Server::snapshot`]. Untrusted
+    /// input: validate everything and apply nothing unless all of it is valid.
+    fn restore(&mut self, _snapshot: &[u8]) -> Result<(), ServerError> {
+        Ok(())
+    }
+}
+
+/// How the loop runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Core to pin the process to.
+    pub core: Option<usize>,
+    /// Spin budget before parking: depends on placement (see DESIGN rule 6).
+    pub spin: SpinPolicy,
+    /// Longest park; the heartbeat advances at least this often while idle.
+    pub park_timeout: Duration,
+    /// Start in standby (a live-update successor): map regions, then wait for the supervisor's
+    /// handover before building the server and claiming any ring.
+    pub standby: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            core: None,
+            spin: SpinPolicy::PARK_AT_ONCE,
+            park_timeout: Duration::from_millis(50),
+            standby: false,
+        }
+    }
+}
+
+fn pin(core: usize) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: core })
+}
+
+/// Runs `server` until the supervisor says stop (Ok) or the server fails (Err).
+///
+/// Each iteration: handle control messages; poll one batch unless quiesced; beat the
+/// heartbeat; if there was no work, spin per `opts.spin` and park on the server's doorbell
+/// (at most `opts.park_timeout`) until a producer or the supervisor rings it.
+pub fn run<S: Server>(server: &mut S, control: &ControlBlock, opts: &RunOptions) -> Result<(), ServerError> {
+    control.set_state(ServerState::Starting);
+    control.set_pid(std::process::id());
+    let pinned = opts.core.filter(|&c| pin(c));
+    if let (Some(c), None) = (opts.core, pinned) {
+        warn!(core = c, "could not pin to core; running unpinned");
+    }
+    control.set_core(pinned);
+    let mut cmds = control.commands()?.consumer()?;
+    let mut replies = control.replies()?.producer()?;
+    let generation = control.generation().bump();
+    control.reset_first_batch();
+    control.set_state(ServerState::Running);
+    info!(generation, core = ?pinned, spin = ?opts.spin, "serving");
+
+    let bell = control.doorbell().clone();
+    let mut running = true;
+    loop {
+        while let Some(msg) = cmds.pop()? {
+            let Some(cmd) = msg.as_command() else {
+                control.count_bad_command();
+                warn!(kind = msg.kind, "unknown control message dropped");
+                continue;
+            };
+            let (ok, value) = match cmd {
+                Command::Quiesce => {
+                    running = false;
+                    control.set_state(ServerState::Quiesced);
+                    info!("quiesced at a batch boundary");
+                    (true, 0)
+                }
+                Command::Snapshot => match server.snapshot() {
+                    Ok(bytes) => match control.write_snapshot(&bytes) {
+                        Ok(()) => (true, bytes.len() as u64),
+                        Err(e) => {
+                            error!(%e, "snapshot does not fit");
+                            (false, 1)
+                        }
+                    },
+                    Err(e) => {
+                        error!(%e, "snapshot failed");
+                        (false, 2)
+                    }
+                },
+                Command::Restore => match control.read_snapshot().map_err(ServerError::from).and_then(|b| server.restore(&b)) {
+                    Ok(()) => {
+                        info!("restored state from snapshot");
+                        (true, 0)
+                    }
+                    Err(e) => {
+                        error!(%e, "restore refused");
+                        (false, 3)
+                    }
+                },
+                Command::Resume => {
+                    running = true;
+                    control.reset_first_batch();
+                    control.set_state(ServerState::Running);
+                    info!("resumed");
+                    (true, 0)
+                }
+                Command::Stop => {
+                    reply(&mut replies, msg.seq, true, 0);
+                    control.set_state(ServerState::Stopped);
+                    info!("stopping on request");
+                    return Ok(());
+                }
+            };
+            reply(&mut replies, msg.seq, ok, value);
+        }
+
+        let done = if running { server.poll()? } else { Progress::IDLE };
+        control.beat();
+        if done.0 > 0 {
+            control.add_work(done.0, monotonic_ns());
+            continue;
+        }
+        let policy = if running { opts.spin } else { SpinPolicy::PARK_AT_ONCE };
+        let outcome = bell.wait(policy, Some(opts.park_timeout), || {
+            (running && server.has_work()) || cmds.has_data()
+        });
+        if outcome == WaitOutcome::TimedOut {
+            continue;
+        }
+    }
+}
+
+fn reply(replies: &mut keepnet_ipc::Producer<ControlMsg>, seq: u32, ok: bool, value: u64) {
+    let msg = ControlMsg {
+        kind: if ok { ControlMsg::OK } else { ControlMsg::ERR },
+        seq,
+        value,
+    };
+    if replies.push(msg).is_err() {
+        warn!(seq, "reply ring full or corrupt; reply dropped");
+    }
+}
+
+/// The whole `main` of a server binary: tracing, boot from the environment, build the server,
+/// run it. Exit code 0 after a requested stop, 1 on failure (the supervisor restarts it).
+pub fn main<S, F>(name: &'static str, build: F) -> ExitCode
+where
+    S: Server,
+    F: FnOnce(&mut Boot) -> Result<S, ServerError>,
+{
+    crate::telemetry::init();
+    let span = info_span!("server", name);
+    let _g = span.enter();
+    let mut boot = match Boot::from_env() {
+        Ok(b) => b,
+        Err(e) => {
+            error!(%e, "cannot start");
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let standby = boot.options().standby;
+    let order = if standby { wait_for_handover(boot.control()) } else { Handover::Fresh };
+    if order == Handover::Abort {
+        info!("standby aborted by the supervisor");
+        return ExitCode::SUCCESS;
+    }
+    let mut server = match build(&mut boot) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(%e, "cannot start");
+            if standby {
+                boot.control().set_handover_result(false);
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if order == Handover::Restore {
+        let restored = boot
+            .control()
+            .read_snapshot()
+            .map_err(ServerError::from)
+            .and_then(|b| server.restore(&b));
+        if let Err(e) = restored {
+            error!(%e, "restore refused; not taking over");
+            boot.control().set_handover_result(false);
+            return ExitCode::from(1);
+        }
+        info!("restored state from the predecessor's snapshot");
+    }
+    if standby {
+        boot.control().set_handover_result(true);
+    }
+    let (control, opts) = boot.into_parts();
+    match run(&mut server, &control, &opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(%e, "server failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Standby: parks on the standby doorbell until the supervisor hands over.
+fn wait_for_handover(control: &ControlBlock) -> Handover {
+    control.set_standby_pid(std::process::id());
+    info!("standby: regions mapped, waiting for handover");
+    let bell = control.standby_doorbell();
+    loop {
+        bell.wait(SpinPolicy::PARK_AT_ONCE, Some(Duration::from_millis(100)), || {
+            control.handover() != Handover::Wait
+        });
+        let order = control.handover();
+        if order != Handover::Wait {
+            return order;
+        }
+    }
+}
+
+/// Supervisor-side helper: sends `cmd` and waits up to `timeout` for the matching reply.
+pub fn request(
+    commands: &mut keepnet_ipc::Producer<ControlMsg>,
+    replies: &mut keepnet_ipc::Consumer<ControlMsg>,
+    seq: u32,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<Result<u64, u64>, RequestError> {
+    commands
+        .push(ControlMsg::command(cmd, seq))
+        .map_err(|_| RequestError::Full)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        while let Some(r) = replies.pop()? {
+            if r.seq == seq {
+                return Ok(if r.kind == ControlMsg::OK { Ok(r.value) } else { Err(r.value) });
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(RequestError::Timeout(timeout));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Why a control request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("command ring is full")]
+    Full,
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// Opens the supervisor's ends of a control block's rings.
+pub fn supervisor_ends(
+    control: &ControlBlock,
+) -> Result<(keepnet_ipc::Producer<ControlMsg>, keepnet_ipc::Consumer<ControlMsg>), RingError> {
+    let mut p: keepnet_ipc::Producer<ControlMsg> = Ring::producer(&control.commands()?)?;
+    p.set_doorbell(control.doorbell().clone());
+    let c = control.replies()?.consumer()?;
+    Ok((p, c))
+}

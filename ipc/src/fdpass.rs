@@ -116,6 +116,9 @@ pub fn take_inherited(fd: RawFd) -> std::io::Result<OwnedFd> {
     // it out once; inherited fds are not owned by anything else in a freshly exec'd process.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Keep it from leaking into the server's own children.
-    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let _ = nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
     Ok(owned)
 }

@@ -24,6 +24,8 @@ pub use doorbell::{Doorbell, SpinPolicy, WaitOutcome};
 pub use generation::Generation;
 pub use layout::RegionLayout;
 pub use pod::Pod;
-pub use pool::{BufRef, BufferPool, DescError, Descriptor, EndpointId, FreeList, PoolError, Retakes};
+pub use pool::{
+    BufRef, BufferPool, DescError, Descriptor, EndpointId, FreeList, PoolError, Retakes,
+};
 pub use region::{Region, RegionError, RegionKind};
 pub use ring::{Consumer, Producer, PushError, Ring, RingError};

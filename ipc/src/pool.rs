@@ -226,7 +226,8 @@ impl BufferPool {
         m.buf_size.store(buf_size, Ordering::Relaxed);
         m.headroom.store(headroom, Ordering::Relaxed);
         for i in 0..count {
-            pool.owner_cell(i).store(u64::from(home.0), Ordering::Relaxed);
+            pool.owner_cell(i)
+                .store(u64::from(home.0), Ordering::Relaxed);
         }
         m.magic.store(POOL_MAGIC, Ordering::Release);
         Ok(pool)
@@ -386,9 +387,8 @@ impl BufferPool {
         let (owner, lease) = self.entry(r.index);
         let handed_over = owner == from.0 && d.lease == lease as u16;
         // A re-take: our predecessor took it (bumping the lease) but never committed the slot.
-        let retaken = owner == me.0
-            && d.lease == lease.wrapping_sub(1) as u16
-            && retakes.0.remove(&r.index);
+        let retaken =
+            owner == me.0 && d.lease == lease.wrapping_sub(1) as u16 && retakes.0.remove(&r.index);
         if handed_over {
             let next = (u64::from(lease.wrapping_add(1)) << 32) | u64::from(me.0);
             self.owner_cell(r.index).store(next, Ordering::Release);
@@ -418,7 +418,11 @@ impl BufferPool {
     /// A descriptor for `len` bytes at `offset` of buffer `index` (not validated: consumers
     /// validate), carrying the buffer's current lease.
     pub fn span(&self, index: u32, offset: u32, len: u32) -> Descriptor {
-        let lease = if index < self.count { self.entry(index).1 as u16 } else { 0 };
+        let lease = if index < self.count {
+            self.entry(index).1 as u16
+        } else {
+            0
+        };
         Descriptor {
             pool: self.id,
             lease,
@@ -471,7 +475,9 @@ impl BufferPool {
     /// it while the borrow lives (the ownership protocol guarantees this for correct peers).
     pub unsafe fn bytes(&self, r: &BufRef) -> &[u8] {
         // SAFETY: span validated by `check`; exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts(self.buf_ptr(r.index).add(r.offset as usize), r.len as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.buf_ptr(r.index).add(r.offset as usize), r.len as usize)
+        }
     }
 
     /// Mutably borrows the bytes of a validated span in place (zero copy).
@@ -481,7 +487,12 @@ impl BufferPool {
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn bytes_mut(&self, r: &BufRef) -> &mut [u8] {
         // SAFETY: span validated by `check`; exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.buf_ptr(r.index).add(r.offset as usize), r.len as usize) }
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.buf_ptr(r.index).add(r.offset as usize),
+                r.len as usize,
+            )
+        }
     }
 
     /// Buffers the table says `me` holds that are not in `in_flight` (descriptors scanned from
@@ -503,7 +514,12 @@ impl BufferPool {
     /// * the buffers its predecessor held privately (owned by `me`, on no ring);
     /// * the buffers its predecessor had taken from an incoming slot it never committed: the
     ///   fresh instance will read those slots again, and may take each such buffer once more.
-    pub fn recover(&self, me: EndpointId, outgoing: &[Descriptor], incoming: &[Descriptor]) -> (Vec<u32>, Retakes) {
+    pub fn recover(
+        &self,
+        me: EndpointId,
+        outgoing: &[Descriptor],
+        incoming: &[Descriptor],
+    ) -> (Vec<u32>, Retakes) {
         // Leases tell the cases apart exactly: a descriptor we sent that is still in flight
         // carries the current lease; one we had taken carries the lease before our take.
         let mine = |d: &Descriptor, lag: u32| {
@@ -512,7 +528,11 @@ impl BufferPool {
                 owner == me.0 && d.lease == lease.wrapping_sub(lag) as u16
             }
         };
-        let sent: HashSet<u32> = outgoing.iter().filter(|d| mine(d, 0)).map(|d| d.index).collect();
+        let sent: HashSet<u32> = outgoing
+            .iter()
+            .filter(|d| mine(d, 0))
+            .map(|d| d.index)
+            .collect();
         let retakes: HashSet<u32> = incoming
             .iter()
             .filter(|d| mine(d, 1) && !sent.contains(&d.index))
@@ -589,7 +609,12 @@ impl FreeList {
     /// The list a restarted endpoint starts with: every buffer it holds that is on no ring,
     /// and the right to re-take what it had taken from `incoming` without committing
     /// (see [`BufferPool::recover`]).
-    pub fn recover(pool: &BufferPool, me: EndpointId, outgoing: &[Descriptor], incoming: &[Descriptor]) -> FreeList {
+    pub fn recover(
+        pool: &BufferPool,
+        me: EndpointId,
+        outgoing: &[Descriptor],
+        incoming: &[Descriptor],
+    ) -> FreeList {
         let mut f = FreeList::new(pool, me);
         let (held, retakes) = pool.recover(me, outgoing, incoming);
         for i in held {
@@ -636,7 +661,12 @@ impl FreeList {
 
     /// Home side: sends up to `n` free buffers to a client over its grant ring. They stay
     /// ours in the table until the client takes them.
-    pub fn grant(&mut self, pool: &BufferPool, ring: &mut Producer<Descriptor>, n: usize) -> Result<usize, RingError> {
+    pub fn grant(
+        &mut self,
+        pool: &BufferPool,
+        ring: &mut Producer<Descriptor>,
+        n: usize,
+    ) -> Result<usize, RingError> {
         let mut batch = Vec::with_capacity(n.min(self.len()));
         while batch.len() < n {
             match self.get() {

@@ -118,10 +118,12 @@ impl Region {
                 min: HEADER_SIZE,
             });
         }
-        let cname = std::ffi::CString::new(format!("keepnet-{name}").replace('\0', "?"))
-            .map_err(|_| RegionError::Sys {
-                op: "memfd name",
-                source: std::io::ErrorKind::InvalidInput.into(),
+        let cname =
+            std::ffi::CString::new(format!("keepnet-{name}").replace('\0', "?")).map_err(|_| {
+                RegionError::Sys {
+                    op: "memfd name",
+                    source: std::io::ErrorKind::InvalidInput.into(),
+                }
             })?;
         let fd = memfd_create(
             &cname,
@@ -135,13 +137,18 @@ impl Region {
         })?;
         fcntl(
             file.as_raw_fd(),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL),
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL,
+            ),
         )
         .map_err(sys("seal memfd"))?;
         let map = MmapOptions::new()
             .len(size)
             .map_raw(&file)
-            .map_err(|e| RegionError::Sys { op: "mmap", source: e })?;
+            .map_err(|e| RegionError::Sys {
+                op: "mmap",
+                source: e,
+            })?;
         let region = Region {
             inner: Arc::new(Inner { file, map, size }),
         };
@@ -175,7 +182,10 @@ impl Region {
         let file = File::from(fd);
         let actual = file
             .metadata()
-            .map_err(|e| RegionError::Sys { op: "fstat", source: e })?
+            .map_err(|e| RegionError::Sys {
+                op: "fstat",
+                source: e,
+            })?
             .len();
         if (actual as usize) < HEADER_SIZE {
             return Err(RegionError::TooSmall {
@@ -186,7 +196,10 @@ impl Region {
         let map = MmapOptions::new()
             .len(actual as usize)
             .map_raw(&file)
-            .map_err(|e| RegionError::Sys { op: "mmap", source: e })?;
+            .map_err(|e| RegionError::Sys {
+                op: "mmap",
+                source: e,
+            })?;
         let region = Region {
             inner: Arc::new(Inner {
                 file,
@@ -242,7 +255,10 @@ impl Region {
             .file
             .as_fd()
             .try_clone_to_owned()
-            .map_err(|e| RegionError::Sys { op: "dup", source: e })?;
+            .map_err(|e| RegionError::Sys {
+                op: "dup",
+                source: e,
+            })?;
         Region::open(fd, expected)
     }
 

@@ -35,6 +35,9 @@ const HEAD: usize = 256;
 const SLOTS: usize = 384;
 /// Largest capacity a ring may have (2^24 slots).
 pub const MAX_CAPACITY: u64 = 1 << 24;
+/// Largest index a ring may hold. Real indices never get near it (2^62 slots); refusing larger
+/// ones when a handle adopts the shared indices keeps `index + capacity` free of overflow.
+const MAX_INDEX: u64 = 1 << 62;
 
 #[repr(C, align(128))]
 struct RingMeta {
@@ -157,7 +160,12 @@ impl<T: Pod> Ring<T> {
     pub const ALIGN: usize = 128;
 
     /// Initialises an empty ring at `offset` (creator side, before anyone attaches).
-    pub fn init(region: &Region, offset: usize, capacity: usize, tag: u32) -> Result<Ring<T>, RingError> {
+    pub fn init(
+        region: &Region,
+        offset: usize,
+        capacity: usize,
+        tag: u32,
+    ) -> Result<Ring<T>, RingError> {
         let cap = capacity as u64;
         if !capacity.is_power_of_two() || cap > MAX_CAPACITY {
             return Err(RingError::BadCapacity(cap));
@@ -171,8 +179,10 @@ impl<T: Pod> Ring<T> {
         };
         let m = ring.meta();
         m.capacity.store(cap, Ordering::Relaxed);
-        m.slot_size.store(std::mem::size_of::<T>() as u32, Ordering::Relaxed);
-        m.slot_align.store(slot_align::<T>() as u32, Ordering::Relaxed);
+        m.slot_size
+            .store(std::mem::size_of::<T>() as u32, Ordering::Relaxed);
+        m.slot_align
+            .store(slot_align::<T>() as u32, Ordering::Relaxed);
         m.tag.store(tag, Ordering::Relaxed);
         m.producer_pid.store(0, Ordering::Relaxed);
         m.consumer_pid.store(0, Ordering::Relaxed);
@@ -196,7 +206,10 @@ impl<T: Pod> Ring<T> {
         if magic != RING_MAGIC {
             return Err(RingError::BadMagic { found: magic });
         }
-        let (found_size, found_align) = (m.slot_size.load(Ordering::Relaxed), m.slot_align.load(Ordering::Relaxed));
+        let (found_size, found_align) = (
+            m.slot_size.load(Ordering::Relaxed),
+            m.slot_align.load(Ordering::Relaxed),
+        );
         let (size, align) = (std::mem::size_of::<T>() as u32, slot_align::<T>() as u32);
         if (found_size, found_align) != (size, align) {
             return Err(RingError::SlotMismatch {
@@ -262,7 +275,7 @@ impl<T: Pod> Ring<T> {
     pub fn indices(&self) -> Result<(u64, u64), RingError> {
         let head = self.idx(HEAD).load(Ordering::Acquire);
         let tail = self.idx(TAIL).load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > self.capacity {
+        if tail.wrapping_sub(head) > self.capacity || tail > MAX_INDEX {
             return Err(self.corrupt(head, tail));
         }
         Ok((head, tail))
@@ -283,20 +296,30 @@ impl<T: Pod> Ring<T> {
     /// (producer, consumer) generations: bumped each time a side is taken over after a crash.
     pub fn generations(&self) -> (u32, u32) {
         let m = self.meta();
-        (m.producer_gen.load(Ordering::Acquire), m.consumer_gen.load(Ordering::Acquire))
+        (
+            m.producer_gen.load(Ordering::Acquire),
+            m.consumer_gen.load(Ordering::Acquire),
+        )
     }
 
     /// (producer pid, consumer pid) currently holding the sides (0 when free).
     pub fn claims(&self) -> (u32, u32) {
         let m = self.meta();
-        (m.producer_pid.load(Ordering::Acquire), m.consumer_pid.load(Ordering::Acquire))
+        (
+            m.producer_pid.load(Ordering::Acquire),
+            m.consumer_pid.load(Ordering::Acquire),
+        )
     }
 
     /// Frees any side held by `pid` (the supervisor, once it has reaped that process).
     pub fn release_claims_of(&self, pid: u32) {
         let m = self.meta();
-        let _ = m.producer_pid.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
-        let _ = m.consumer_pid.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = m
+            .producer_pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = m
+            .consumer_pid
+            .compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     fn corrupt(&self, head: u64, tail: u64) -> RingError {
@@ -335,12 +358,18 @@ impl<T: Pod> Ring<T> {
         loop {
             let cur = cell.load(Ordering::Acquire);
             if cur == 0 {
-                if cell.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                if cell
+                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
                     return Ok(Claim::Fresh);
                 }
             } else if cur == me || pid_alive(cur) {
                 return Err(RingError::AlreadyClaimed { side, pid: cur });
-            } else if cell.compare_exchange(cur, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            } else if cell
+                .compare_exchange(cur, me, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
                 gen.fetch_add(1, Ordering::AcqRel);
                 return Ok(Claim::Takeover { from: cur });
             }
@@ -505,7 +534,12 @@ impl<T: Pod> Producer<T> {
 impl<T: Pod> Drop for Producer<T> {
     fn drop(&mut self) {
         let me = std::process::id();
-        let _ = self.ring.meta().producer_pid.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = self.ring.meta().producer_pid.compare_exchange(
+            me,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -629,7 +663,12 @@ impl<T: Pod> Consumer<T> {
 impl<T: Pod> Drop for Consumer<T> {
     fn drop(&mut self) {
         let me = std::process::id();
-        let _ = self.ring.meta().consumer_pid.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = self.ring.meta().consumer_pid.compare_exchange(
+            me,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 }
 

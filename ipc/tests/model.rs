@@ -12,7 +12,10 @@ const TAG: u32 = 0xAB;
 fn ring_region(cap: usize) -> (Region, usize) {
     let mut l = RegionLayout::new();
     let off = l.place(Ring::<u64>::size_in_region(cap), Ring::<u64>::ALIGN);
-    (Region::create("model", RegionKind::TEST, l.size()).unwrap(), off)
+    (
+        Region::create("model", RegionKind::TEST, l.size()).unwrap(),
+        off,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -180,8 +183,14 @@ struct PoolWorld {
 fn pool_world() -> PoolWorld {
     let mut l = RegionLayout::new();
     let pool_off = l.place(BufferPool::size_in_region(COUNT, 256), BufferPool::ALIGN);
-    let g_off = l.place(Ring::<Descriptor>::size_in_region(8), Ring::<Descriptor>::ALIGN);
-    let r_off = l.place(Ring::<Descriptor>::size_in_region(8), Ring::<Descriptor>::ALIGN);
+    let g_off = l.place(
+        Ring::<Descriptor>::size_in_region(8),
+        Ring::<Descriptor>::ALIGN,
+    );
+    let r_off = l.place(
+        Ring::<Descriptor>::size_in_region(8),
+        Ring::<Descriptor>::ALIGN,
+    );
     let region = Region::create("pool-model", RegionKind::TEST, l.size()).unwrap();
     PoolWorld {
         pool: BufferPool::init(&region, pool_off, 3, COUNT, 256, 64, HOME).unwrap(),

@@ -7,8 +7,14 @@ fn ring_push_pop_and_wrap() {
     let r = Region::create("smoke", RegionKind::TEST, l.size()).unwrap();
     let ring = Ring::<u64>::init(&r, off, 8, 7).unwrap();
     let mut p = ring.producer().unwrap();
-    let mut c = Ring::<u64>::open(&r.reopen(RegionKind::TEST).unwrap(), off, 7).unwrap().consumer().unwrap();
-    assert!(matches!(ring.producer(), Err(RingError::AlreadyClaimed { .. })));
+    let mut c = Ring::<u64>::open(&r.reopen(RegionKind::TEST).unwrap(), off, 7)
+        .unwrap()
+        .consumer()
+        .unwrap();
+    assert!(matches!(
+        ring.producer(),
+        Err(RingError::AlreadyClaimed { .. })
+    ));
     let mut next = 0u64;
     let mut got = 0u64;
     for round in 0..100 {

@@ -88,10 +88,11 @@ impl Boot {
             what: "control".into(),
             source,
         })?;
-        let region = Region::open(owned, RegionKind::CONTROL).map_err(|source| BootError::Region {
-            name: "control".into(),
-            source,
-        })?;
+        let region =
+            Region::open(owned, RegionKind::CONTROL).map_err(|source| BootError::Region {
+                name: "control".into(),
+                source,
+            })?;
         let control = ControlBlock::open(region)?;
         let mut regions = BTreeMap::new();
         if let Some(list) = var("KEEPNET_REGIONS")? {
@@ -102,10 +103,11 @@ impl Boot {
                     why: format!("{item:?} is not name=fd"),
                 })?;
                 let fd = parse_fd("KEEPNET_REGIONS", fd)?;
-                let owned = keepnet_ipc::fdpass::take_inherited(fd).map_err(|source| BootError::Fd {
-                    what: name.into(),
-                    source,
-                })?;
+                let owned =
+                    keepnet_ipc::fdpass::take_inherited(fd).map_err(|source| BootError::Fd {
+                        what: name.into(),
+                        source,
+                    })?;
                 regions.insert(name.to_string(), owned);
             }
         }
@@ -120,13 +122,15 @@ impl Boot {
         let spin = match var("KEEPNET_SPIN_NS")?.as_deref().map(str::trim) {
             None | Some("") => SpinPolicy::PARK_AT_ONCE,
             Some("forever") => SpinPolicy::never_park(),
-            Some(n) => SpinPolicy::spin_for(Duration::from_nanos(n.parse::<u64>().map_err(|e| {
-                BootError::Invalid {
-                    var: "KEEPNET_SPIN_NS",
-                    value: n.into(),
-                    why: e.to_string(),
-                }
-            })?)),
+            Some(n) => {
+                SpinPolicy::spin_for(Duration::from_nanos(n.parse::<u64>().map_err(|e| {
+                    BootError::Invalid {
+                        var: "KEEPNET_SPIN_NS",
+                        value: n.into(),
+                        why: e.to_string(),
+                    }
+                })?))
+            }
         };
         let park_timeout = match var("KEEPNET_PARK_TIMEOUT_MS")?.as_deref().map(str::trim) {
             None | Some("") => RunOptions::default().park_timeout,
@@ -178,7 +182,12 @@ impl Boot {
 
 /// Supervisor side: sets up `cmd` to start a server with `control`, the named `regions` and
 /// `options`, per the environment contract above.
-pub fn prepare(cmd: &mut Command, control: &ControlBlock, regions: &[(&str, &Region)], options: &RunOptions) {
+pub fn prepare(
+    cmd: &mut Command,
+    control: &ControlBlock,
+    regions: &[(&str, &Region)],
+    options: &RunOptions,
+) {
     let mut fds = vec![control.region().fd()];
     let mut list = Vec::new();
     for (name, r) in regions {
@@ -187,19 +196,27 @@ pub fn prepare(cmd: &mut Command, control: &ControlBlock, regions: &[(&str, &Reg
     }
     let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     keepnet_ipc::fdpass::inherit_fds(cmd, &fds);
-    cmd.env("KEEPNET_CONTROL_FD", control.region().fd().as_raw_fd().to_string())
-        .env("KEEPNET_REGIONS", list.join(","))
-        .env(
-            "KEEPNET_CORE",
-            options.core.map_or_else(|| "none".to_string(), |c| c.to_string()),
-        )
-        .env(
-            "KEEPNET_SPIN_NS",
-            options
-                .spin
-                .spin
-                .map_or_else(|| "forever".to_string(), |d| d.as_nanos().to_string()),
-        )
-        .env("KEEPNET_PARK_TIMEOUT_MS", options.park_timeout.as_millis().to_string())
-        .env("KEEPNET_STANDBY", if options.standby { "1" } else { "0" });
+    cmd.env(
+        "KEEPNET_CONTROL_FD",
+        control.region().fd().as_raw_fd().to_string(),
+    )
+    .env("KEEPNET_REGIONS", list.join(","))
+    .env(
+        "KEEPNET_CORE",
+        options
+            .core
+            .map_or_else(|| "none".to_string(), |c| c.to_string()),
+    )
+    .env(
+        "KEEPNET_SPIN_NS",
+        options
+            .spin
+            .spin
+            .map_or_else(|| "forever".to_string(), |d| d.as_nanos().to_string()),
+    )
+    .env(
+        "KEEPNET_PARK_TIMEOUT_MS",
+        options.park_timeout.as_millis().to_string(),
+    )
+    .env("KEEPNET_STANDBY", if options.standby { "1" } else { "0" });
 }

@@ -58,8 +58,14 @@ fn config() -> impl bincode::config::Config {
 }
 
 /// Serializes `state` with a header.
-pub fn encode<T: Serialize>(server: &str, format_version: u32, build_version: &str, state: &T) -> Result<Vec<u8>, CodecError> {
-    let payload = bincode::serde::encode_to_vec(state, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+pub fn encode<T: Serialize>(
+    server: &str,
+    format_version: u32,
+    build_version: &str,
+    state: &T,
+) -> Result<Vec<u8>, CodecError> {
+    let payload = bincode::serde::encode_to_vec(state, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
     let header = SnapshotHeader {
         server: server.into(),
         format_version,
@@ -67,7 +73,8 @@ pub fn encode<T: Serialize>(server: &str, format_version: u32, build_version: &s
         payload_len: payload.len() as u64,
         crc32: crc32fast::hash(&payload),
     };
-    let h = bincode::serde::encode_to_vec(&header, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let h = bincode::serde::encode_to_vec(&header, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(12 + h.len() + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(h.len() as u32).to_le_bytes());
@@ -100,7 +107,11 @@ impl Snapshot<'_> {
 }
 
 /// Checks a snapshot for `server` whose format this build reads (`formats`, inclusive).
-pub fn decode<'a>(bytes: &'a [u8], server: &str, formats: std::ops::RangeInclusive<u32>) -> Result<Snapshot<'a>, CodecError> {
+pub fn decode<'a>(
+    bytes: &'a [u8],
+    server: &str,
+    formats: std::ops::RangeInclusive<u32>,
+) -> Result<Snapshot<'a>, CodecError> {
     if bytes.len() < 12 {
         return Err(CodecError::Truncated(bytes.len()));
     }
@@ -112,9 +123,11 @@ pub fn decode<'a>(bytes: &'a [u8], server: &str, formats: std::ops::RangeInclusi
     if hlen > rest.len() {
         return Err(CodecError::Truncated(bytes.len()));
     }
-    let (header, used): (SnapshotHeader, usize) =
-        bincode::serde::decode_from_slice(&rest[..hlen], bincode::config::standard().with_limit::<4096>())
-            .map_err(|e| CodecError::BadHeader(e.to_string()))?;
+    let (header, used): (SnapshotHeader, usize) = bincode::serde::decode_from_slice(
+        &rest[..hlen],
+        bincode::config::standard().with_limit::<4096>(),
+    )
+    .map_err(|e| CodecError::BadHeader(e.to_string()))?;
     if used != hlen {
         return Err(CodecError::BadHeader("trailing bytes in header".into()));
     }
@@ -164,7 +177,16 @@ mod tests {
     }
 
     fn snap() -> Vec<u8> {
-        encode("tcp", 1, "0.1.0", &V1 { a: 7, names: vec!["x".into()] }).unwrap()
+        encode(
+            "tcp",
+            1,
+            "0.1.0",
+            &V1 {
+                a: 7,
+                names: vec!["x".into()],
+            },
+        )
+        .unwrap()
     }
 
     #[test]
@@ -172,24 +194,54 @@ mod tests {
         let b = snap();
         let s = decode(&b, "tcp", 1..=1).unwrap();
         assert_eq!(s.header.build_version, "0.1.0");
-        assert_eq!(s.state::<V1>().unwrap(), V1 { a: 7, names: vec!["x".into()] });
+        assert_eq!(
+            s.state::<V1>().unwrap(),
+            V1 {
+                a: 7,
+                names: vec!["x".into()]
+            }
+        );
     }
 
     #[test]
     fn refuses_what_it_must() {
         let b = snap();
-        assert_eq!(decode(&b, "udp", 1..=1).unwrap_err(), CodecError::WrongServer { found: "tcp".into(), expected: "udp".into() });
-        assert_eq!(decode(&b, "tcp", 0..=0).unwrap_err(), CodecError::TooNew { found: 1, max: 0 });
-        assert_eq!(decode(&b, "tcp", 2..=3).unwrap_err(), CodecError::TooOld { found: 1, min: 2 });
-        assert_eq!(decode(&b[..5], "tcp", 1..=1).unwrap_err(), CodecError::Truncated(5));
-        assert!(matches!(decode(&b[..b.len() - 1], "tcp", 1..=1), Err(CodecError::Truncated(_))));
+        assert_eq!(
+            decode(&b, "udp", 1..=1).unwrap_err(),
+            CodecError::WrongServer {
+                found: "tcp".into(),
+                expected: "udp".into()
+            }
+        );
+        assert_eq!(
+            decode(&b, "tcp", 0..=0).unwrap_err(),
+            CodecError::TooNew { found: 1, max: 0 }
+        );
+        assert_eq!(
+            decode(&b, "tcp", 2..=3).unwrap_err(),
+            CodecError::TooOld { found: 1, min: 2 }
+        );
+        assert_eq!(
+            decode(&b[..5], "tcp", 1..=1).unwrap_err(),
+            CodecError::Truncated(5)
+        );
+        assert!(matches!(
+            decode(&b[..b.len() - 1], "tcp", 1..=1),
+            Err(CodecError::Truncated(_))
+        ));
         let mut bad = b.clone();
         bad[0] = b'X';
-        assert_eq!(decode(&bad, "tcp", 1..=1).unwrap_err(), CodecError::BadMagic);
+        assert_eq!(
+            decode(&bad, "tcp", 1..=1).unwrap_err(),
+            CodecError::BadMagic
+        );
         let mut flip = b.clone();
         let last = flip.len() - 1;
         flip[last] ^= 0x55;
-        assert!(matches!(decode(&flip, "tcp", 1..=1), Err(CodecError::Checksum { .. })));
+        assert!(matches!(
+            decode(&flip, "tcp", 1..=1),
+            Err(CodecError::Checksum { .. })
+        ));
     }
 
     #[test]

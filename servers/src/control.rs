@@ -12,7 +12,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keepnet_ipc::{Doorbell, Generation, Pod, Region, RegionError, RegionKind, RegionLayout, Ring, RingError};
+use keepnet_ipc::{
+    Doorbell, Generation, Pod, Region, RegionError, RegionKind, RegionLayout, Ring, RingError,
+};
 
 const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"KNCTRL01");
 const CMD_TAG: u32 = 0xC0DE_0001;
@@ -106,7 +108,11 @@ impl ControlMsg {
             Command::Resume => 4,
             Command::Stop => 5,
         };
-        ControlMsg { kind, seq, value: 0 }
+        ControlMsg {
+            kind,
+            seq,
+            value: 0,
+        }
     }
 
     /// Decodes a command; None for an unknown kind (counted and ignored by the server).
@@ -191,8 +197,14 @@ fn offsets(snapshot_capacity: usize) -> Offsets {
     let generation = l.place(Generation::SIZE, Generation::ALIGN);
     let bell = l.place(Doorbell::SIZE, Doorbell::ALIGN);
     let standby_bell = l.place(Doorbell::SIZE, Doorbell::ALIGN);
-    let cmd = l.place(Ring::<ControlMsg>::size_in_region(RING_CAP), Ring::<ControlMsg>::ALIGN);
-    let reply = l.place(Ring::<ControlMsg>::size_in_region(RING_CAP), Ring::<ControlMsg>::ALIGN);
+    let cmd = l.place(
+        Ring::<ControlMsg>::size_in_region(RING_CAP),
+        Ring::<ControlMsg>::ALIGN,
+    );
+    let reply = l.place(
+        Ring::<ControlMsg>::size_in_region(RING_CAP),
+        Ring::<ControlMsg>::ALIGN,
+    );
     let snapshot = l.place(snapshot_capacity, 64);
     Offsets {
         shm,
@@ -257,15 +269,19 @@ impl ControlBlock {
             bell,
         };
         cb.cell(field!(core)).store(u64::MAX, Ordering::Relaxed);
-        cb.cell(field!(snapshot_capacity)).store(snapshot_capacity as u64, Ordering::Relaxed);
-        cb.cell(field!(magic)).store(CONTROL_MAGIC, Ordering::Release);
+        cb.cell(field!(snapshot_capacity))
+            .store(snapshot_capacity as u64, Ordering::Relaxed);
+        cb.cell(field!(magic))
+            .store(CONTROL_MAGIC, Ordering::Release);
         Ok(cb)
     }
 
     /// Opens a control region received from the supervisor.
     pub fn open(region: Region) -> Result<ControlBlock, ControlError> {
         let probe = offsets(0);
-        let magic = region.atomic_u64(probe.shm + field!(magic))?.load(Ordering::Acquire);
+        let magic = region
+            .atomic_u64(probe.shm + field!(magic))?
+            .load(Ordering::Acquire);
         if magic != CONTROL_MAGIC {
             return Err(ControlError::BadMagic(magic));
         }
@@ -329,7 +345,8 @@ impl ControlBlock {
         self.cell(field!(pid)).load(Ordering::Acquire) as u32
     }
     pub(crate) fn set_pid(&self, pid: u32) {
-        self.cell(field!(pid)).store(u64::from(pid), Ordering::Release)
+        self.cell(field!(pid))
+            .store(u64::from(pid), Ordering::Release)
     }
 
     /// Core the server is pinned to, if any.
@@ -338,7 +355,8 @@ impl ControlBlock {
         (c != u64::MAX).then_some(c as usize)
     }
     pub(crate) fn set_core(&self, core: Option<usize>) {
-        self.cell(field!(core)).store(core.map_or(u64::MAX, |c| c as u64), Ordering::Release)
+        self.cell(field!(core))
+            .store(core.map_or(u64::MAX, |c| c as u64), Ordering::Release)
     }
 
     /// State as last published by the server (None if the field holds garbage).
@@ -365,11 +383,18 @@ impl ControlBlock {
     }
     pub(crate) fn add_work(&self, n: u64, now: u64) {
         self.cell(field!(work)).fetch_add(n, Ordering::Relaxed);
-        self.cell(field!(last_batch_ns)).store(now, Ordering::Release);
-        let _ = self.cell(field!(first_batch_ns)).compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+        self.cell(field!(last_batch_ns))
+            .store(now, Ordering::Release);
+        let _ = self.cell(field!(first_batch_ns)).compare_exchange(
+            0,
+            now,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
     pub(crate) fn reset_first_batch(&self) {
-        self.cell(field!(first_batch_ns)).store(0, Ordering::Release);
+        self.cell(field!(first_batch_ns))
+            .store(0, Ordering::Release);
     }
 
     /// Monotonic ns of the last batch that did work (0 if none).
@@ -387,7 +412,8 @@ impl ControlBlock {
         self.cell(field!(bad_commands)).load(Ordering::Relaxed)
     }
     pub(crate) fn count_bad_command(&self) {
-        self.cell(field!(bad_commands)).fetch_add(1, Ordering::Relaxed);
+        self.cell(field!(bad_commands))
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// The doorbell a standby successor parks on.
@@ -403,7 +429,8 @@ impl ControlBlock {
         self.cell(field!(standby_pid)).load(Ordering::Acquire) as u32
     }
     pub(crate) fn set_standby_pid(&self, pid: u32) {
-        self.cell(field!(standby_pid)).store(u64::from(pid), Ordering::Release)
+        self.cell(field!(standby_pid))
+            .store(u64::from(pid), Ordering::Release)
     }
 
     /// The current handover order.
@@ -419,15 +446,18 @@ impl ControlBlock {
     /// Supervisor: releases the standby successor (after the predecessor has exited and so
     /// released its rings). Resets the result first.
     pub fn hand_over(&self, order: Handover) {
-        self.cell(field!(handover_result)).store(0, Ordering::Release);
-        self.cell(field!(handover)).store(order as u64, Ordering::Release);
+        self.cell(field!(handover_result))
+            .store(0, Ordering::Release);
+        self.cell(field!(handover))
+            .store(order as u64, Ordering::Release);
         self.standby_doorbell().ring();
     }
 
     /// Supervisor: prepares the block for a new standby successor.
     pub fn clear_handover(&self) {
         self.cell(field!(handover)).store(0, Ordering::Release);
-        self.cell(field!(handover_result)).store(0, Ordering::Release);
+        self.cell(field!(handover_result))
+            .store(0, Ordering::Release);
         self.cell(field!(standby_pid)).store(0, Ordering::Release);
     }
 
@@ -440,7 +470,8 @@ impl ControlBlock {
         }
     }
     pub(crate) fn set_handover_result(&self, ok: bool) {
-        self.cell(field!(handover_result)).store(if ok { 1 } else { 2 }, Ordering::Release)
+        self.cell(field!(handover_result))
+            .store(if ok { 1 } else { 2 }, Ordering::Release)
     }
 
     /// Stores a snapshot in the snapshot area.
@@ -452,7 +483,8 @@ impl ControlBlock {
             });
         }
         self.region.write_bytes(self.off.snapshot, bytes)?;
-        self.cell(field!(snapshot_len)).store(bytes.len() as u64, Ordering::Release);
+        self.cell(field!(snapshot_len))
+            .store(bytes.len() as u64, Ordering::Release);
         Ok(())
     }
 

@@ -27,4 +27,6 @@ pub mod telemetry;
 
 pub use boot::{Boot, BootError};
 pub use control::{Command, ControlBlock, ControlMsg, Handover, ServerState};
-pub use runtime::{main, request, run, supervisor_ends, Progress, RequestError, RunOptions, Server, ServerError};
+pub use runtime::{
+    main, request, run, supervisor_ends, Progress, RequestError, RunOptions, Server, ServerError,
+};

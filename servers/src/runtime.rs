@@ -7,7 +7,9 @@ use keepnet_ipc::{Ring, RingError, SpinPolicy, WaitOutcome};
 use tracing::{error, info, info_span, warn};
 
 use crate::boot::Boot;
-use crate::control::{monotonic_ns, Command, ControlBlock, ControlError, ControlMsg, Handover, ServerState};
+use crate::control::{
+    monotonic_ns, Command, ControlBlock, ControlError, ControlMsg, Handover, ServerState,
+};
 
 /// Work done by one poll: items processed (frames, segments, datagrams...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,7 +94,11 @@ fn pin(core: usize) -> bool {
 /// Each iteration: handle control messages; poll one batch unless quiesced; beat the
 /// heartbeat; if there was no work, spin per `opts.spin` and park on the server's doorbell
 /// (at most `opts.park_timeout`) until a producer or the supervisor rings it.
-pub fn run<S: Server>(server: &mut S, control: &ControlBlock, opts: &RunOptions) -> Result<(), ServerError> {
+pub fn run<S: Server>(
+    server: &mut S,
+    control: &ControlBlock,
+    opts: &RunOptions,
+) -> Result<(), ServerError> {
     control.set_state(ServerState::Starting);
     control.set_pid(std::process::id());
     let pinned = opts.core.filter(|&c| pin(c));
@@ -136,7 +142,11 @@ pub fn run<S: Server>(server: &mut S, control: &ControlBlock, opts: &RunOptions)
                         (false, 2)
                     }
                 },
-                Command::Restore => match control.read_snapshot().map_err(ServerError::from).and_then(|b| server.restore(&b)) {
+                Command::Restore => match control
+                    .read_snapshot()
+                    .map_err(ServerError::from)
+                    .and_then(|b| server.restore(&b))
+                {
                     Ok(()) => {
                         info!("restored state from snapshot");
                         (true, 0)
@@ -163,13 +173,21 @@ pub fn run<S: Server>(server: &mut S, control: &ControlBlock, opts: &RunOptions)
             reply(&mut replies, msg.seq, ok, value);
         }
 
-        let done = if running { server.poll()? } else { Progress::IDLE };
+        let done = if running {
+            server.poll()?
+        } else {
+            Progress::IDLE
+        };
         control.beat();
         if done.0 > 0 {
             control.add_work(done.0, monotonic_ns());
             continue;
         }
-        let policy = if running { opts.spin } else { SpinPolicy::PARK_AT_ONCE };
+        let policy = if running {
+            opts.spin
+        } else {
+            SpinPolicy::PARK_AT_ONCE
+        };
         let outcome = bell.wait(policy, Some(opts.park_timeout), || {
             (running && server.has_work()) || cmds.has_data()
         });
@@ -209,7 +227,11 @@ where
         }
     };
     let standby = boot.options().standby;
-    let order = if standby { wait_for_handover(boot.control()) } else { Handover::Fresh };
+    let order = if standby {
+        wait_for_handover(boot.control())
+    } else {
+        Handover::Fresh
+    };
     if order == Handover::Abort {
         info!("standby aborted by the supervisor");
         return ExitCode::SUCCESS;
@@ -256,9 +278,11 @@ fn wait_for_handover(control: &ControlBlock) -> Handover {
     info!("standby: regions mapped, waiting for handover");
     let bell = control.standby_doorbell();
     loop {
-        bell.wait(SpinPolicy::PARK_AT_ONCE, Some(Duration::from_millis(100)), || {
-            control.handover() != Handover::Wait
-        });
+        bell.wait(
+            SpinPolicy::PARK_AT_ONCE,
+            Some(Duration::from_millis(100)),
+            || control.handover() != Handover::Wait,
+        );
         let order = control.handover();
         if order != Handover::Wait {
             return order;
@@ -281,7 +305,11 @@ pub fn request(
     loop {
         while let Some(r) = replies.pop()? {
             if r.seq == seq {
-                return Ok(if r.kind == ControlMsg::OK { Ok(r.value) } else { Err(r.value) });
+                return Ok(if r.kind == ControlMsg::OK {
+                    Ok(r.value)
+                } else {
+                    Err(r.value)
+                });
             }
         }
         if std::time::Instant::now() >= deadline {
@@ -305,7 +333,13 @@ pub enum RequestError {
 /// Opens the supervisor's ends of a control block's rings.
 pub fn supervisor_ends(
     control: &ControlBlock,
-) -> Result<(keepnet_ipc::Producer<ControlMsg>, keepnet_ipc::Consumer<ControlMsg>), RingError> {
+) -> Result<
+    (
+        keepnet_ipc::Producer<ControlMsg>,
+        keepnet_ipc::Consumer<ControlMsg>,
+    ),
+    RingError,
+> {
     let mut p: keepnet_ipc::Producer<ControlMsg> = Ring::producer(&control.commands()?)?;
     p.set_doorbell(control.doorbell().clone());
     let c = control.replies()?.consumer()?;

@@ -68,19 +68,31 @@ struct Flow {
 
 impl Flow {
     /// Sends `count` more slots and waits until everything sent came out, in order.
-    fn pump(&mut self, input: &mut keepnet_ipc::Producer<u64>, output: &mut keepnet_ipc::Consumer<u64>, count: u64) {
+    fn pump(
+        &mut self,
+        input: &mut keepnet_ipc::Producer<u64>,
+        output: &mut keepnet_ipc::Consumer<u64>,
+        count: u64,
+    ) {
         let target = self.next_in + count;
         let end = Instant::now() + Duration::from_secs(60);
         let mut buf = [0u64; 128];
         while self.next_out < target {
-            assert!(Instant::now() < end, "relay stalled at {}/{target}", self.next_out);
+            assert!(
+                Instant::now() < end,
+                "relay stalled at {}/{target}",
+                self.next_out
+            );
             if self.next_in < target {
                 let batch: Vec<u64> = (self.next_in..target.min(self.next_in + 64)).collect();
                 self.next_in += input.push_slice(&batch).unwrap() as u64;
             }
             let n = output.pop_batch(&mut buf).unwrap();
             for v in &buf[..n] {
-                assert_eq!(*v, self.next_out, "relay reordered, lost or duplicated a slot");
+                assert_eq!(
+                    *v, self.next_out,
+                    "relay reordered, lost or duplicated a slot"
+                );
                 self.next_out += 1;
             }
             if n == 0 {
@@ -105,26 +117,40 @@ fn relay_server_lifecycle() {
     let out_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
     assert_eq!(in_off, IN_OFF);
     let rings = Region::create("relay-rings", RegionKind::RINGS, l.size()).unwrap();
-    let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1).unwrap().producer().unwrap();
+    let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1)
+        .unwrap()
+        .producer()
+        .unwrap();
     input.set_doorbell(control.doorbell().clone());
-    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2).unwrap().consumer().unwrap();
+    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2)
+        .unwrap()
+        .consumer()
+        .unwrap();
     let (mut cmds, mut replies) = supervisor_ends(&control).unwrap();
 
     let mut flow = Flow::default();
 
     // 1. Start: ready, generation 1, heartbeat moving while idle.
     let mut first = spawn(&control, &rings);
-    until("first instance running", Duration::from_secs(20), || control.state() == Some(ServerState::Running));
+    until("first instance running", Duration::from_secs(20), || {
+        control.state() == Some(ServerState::Running)
+    });
     assert_eq!(control.generation().get(), 1);
     assert_eq!(control.pid(), first.0.id());
     flow.pump(&mut input, &mut output, 100_000);
     assert!(control.work() >= 100_000);
-    assert!(control.heartbeat_moves(Duration::from_millis(100)), "idle server must still beat");
+    assert!(
+        control.heartbeat_moves(Duration::from_millis(100)),
+        "idle server must still beat"
+    );
 
     // 2. A hung (stopped) server's heartbeat stalls; it moves again when continued.
     nix::sys::signal::kill(first.pid(), nix::sys::signal::Signal::SIGSTOP).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!control.heartbeat_moves(Duration::from_millis(200)), "a stopped server must not beat");
+    assert!(
+        !control.heartbeat_moves(Duration::from_millis(200)),
+        "a stopped server must not beat"
+    );
     nix::sys::signal::kill(first.pid(), nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(control.heartbeat_moves(Duration::from_millis(200)));
 
@@ -132,26 +158,59 @@ fn relay_server_lifecycle() {
     //    while the old one still serves.
     control.clear_handover();
     let second = spawn_as(&control, &rings, true);
-    until("successor in standby", Duration::from_secs(20), || control.standby_pid() == second.0.id());
+    until("successor in standby", Duration::from_secs(20), || {
+        control.standby_pid() == second.0.id()
+    });
     flow.pump(&mut input, &mut output, 1000);
-    assert_eq!(control.pid(), first.0.id(), "the old instance serves until the handover");
+    assert_eq!(
+        control.pid(),
+        first.0.id(),
+        "the old instance serves until the handover"
+    );
 
     // 4. Quiesce: traffic waits in the ring; snapshot; stop.
-    let ok = |r: Result<Result<u64, u64>, keepnet_server::RequestError>| r.expect("request answered").expect("request succeeded");
-    ok(request(&mut cmds, &mut replies, 1, Cmd::Quiesce, Duration::from_secs(5)));
+    let ok = |r: Result<Result<u64, u64>, keepnet_server::RequestError>| {
+        r.expect("request answered").expect("request succeeded")
+    };
+    ok(request(
+        &mut cmds,
+        &mut replies,
+        1,
+        Cmd::Quiesce,
+        Duration::from_secs(5),
+    ));
     assert_eq!(control.state(), Some(ServerState::Quiesced));
     let held: Vec<u64> = (flow.next_in..flow.next_in + 500).collect();
     assert_eq!(input.push_slice(&held).unwrap(), 500);
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(output.pop().unwrap(), None, "a quiesced server must not move traffic");
-    let len = ok(request(&mut cmds, &mut replies, 2, Cmd::Snapshot, Duration::from_secs(5)));
+    assert_eq!(
+        output.pop().unwrap(),
+        None,
+        "a quiesced server must not move traffic"
+    );
+    let len = ok(request(
+        &mut cmds,
+        &mut replies,
+        2,
+        Cmd::Snapshot,
+        Duration::from_secs(5),
+    ));
     let bytes = control.read_snapshot().unwrap();
     assert_eq!(bytes.len() as u64, len);
-    let st: State = codec::decode(&bytes, "relay", 1..=1).unwrap().state().unwrap();
+    let st: State = codec::decode(&bytes, "relay", 1..=1)
+        .unwrap()
+        .state()
+        .unwrap();
     assert_eq!(st.relayed, 101_000);
     assert_eq!(st.sum, (0..101_000u64).sum::<u64>());
     let last_batch = control.last_batch_ns();
-    ok(request(&mut cmds, &mut replies, 3, Cmd::Stop, Duration::from_secs(5)));
+    ok(request(
+        &mut cmds,
+        &mut replies,
+        3,
+        Cmd::Stop,
+        Duration::from_secs(5),
+    ));
     let status = first.0.wait().unwrap();
     assert!(status.success(), "stop must exit 0, got {status}");
     assert_eq!(control.state(), Some(ServerState::Stopped));
@@ -159,22 +218,48 @@ fn relay_server_lifecycle() {
     // 5. Handover: the successor restores the snapshot and carries on; the held slots come
     //    out in order, and the blackout is measurable from the servers' own timestamps.
     control.hand_over(Handover::Restore);
-    until("successor took over", Duration::from_secs(20), || control.handover_result().is_some());
+    until("successor took over", Duration::from_secs(20), || {
+        control.handover_result().is_some()
+    });
     assert_eq!(control.handover_result(), Some(true));
-    until("successor serving", Duration::from_secs(20), || control.generation().get() == 2);
+    until("successor serving", Duration::from_secs(20), || {
+        control.generation().get() == 2
+    });
     assert_eq!(control.pid(), second.0.id());
     flow.next_in += 500;
     flow.pump(&mut input, &mut output, 0);
     let first_batch = control.first_batch_ns();
-    assert!(first_batch > last_batch, "blackout must be positive: {last_batch} -> {first_batch}");
-    let len = ok(request(&mut cmds, &mut replies, 7, Cmd::Snapshot, Duration::from_secs(5)));
+    assert!(
+        first_batch > last_batch,
+        "blackout must be positive: {last_batch} -> {first_batch}"
+    );
+    let len = ok(request(
+        &mut cmds,
+        &mut replies,
+        7,
+        Cmd::Snapshot,
+        Duration::from_secs(5),
+    ));
     assert!(len > 0);
-    let st: State = codec::decode(&control.read_snapshot().unwrap(), "relay", 1..=1).unwrap().state().unwrap();
-    assert_eq!(st.relayed, 101_500, "restored count plus what the successor relayed");
+    let st: State = codec::decode(&control.read_snapshot().unwrap(), "relay", 1..=1)
+        .unwrap()
+        .state()
+        .unwrap();
+    assert_eq!(
+        st.relayed, 101_500,
+        "restored count plus what the successor relayed"
+    );
 
     // 6. A bogus control message is counted and ignored.
-    cmds.push(keepnet_server::ControlMsg { kind: 9999, seq: 8, value: 0 }).unwrap();
-    until("bad command counted", Duration::from_secs(5), || control.bad_commands() == 1);
+    cmds.push(keepnet_server::ControlMsg {
+        kind: 9999,
+        seq: 8,
+        value: 0,
+    })
+    .unwrap();
+    until("bad command counted", Duration::from_secs(5), || {
+        control.bad_commands() == 1
+    });
 }
 
 #[test]
@@ -185,9 +270,15 @@ fn killed_server_is_replaced_without_loss() {
     let in_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
     let out_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
     let rings = Region::create("relay-kill-rings", RegionKind::RINGS, l.size()).unwrap();
-    let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1).unwrap().producer().unwrap();
+    let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1)
+        .unwrap()
+        .producer()
+        .unwrap();
     input.set_doorbell(control.doorbell().clone());
-    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2).unwrap().consumer().unwrap();
+    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2)
+        .unwrap()
+        .consumer()
+        .unwrap();
 
     let total = 300_000u64;
     let (mut next_in, mut next_out) = (0u64, 0u64);
@@ -198,14 +289,20 @@ fn killed_server_is_replaced_without_loss() {
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let end = Instant::now() + Duration::from_secs(90);
     while next_out < total {
-        assert!(Instant::now() < end, "stalled at {next_out}/{total} after {kills} kills");
+        assert!(
+            Instant::now() < end,
+            "stalled at {next_out}/{total} after {kills} kills"
+        );
         if next_in < total {
             let batch: Vec<u64> = (next_in..total.min(next_in + 64)).collect();
             next_in += input.push_slice(&batch).unwrap() as u64;
         }
         let n = output.pop_batch(&mut buf).unwrap();
         for v in &buf[..n] {
-            assert_eq!(*v, next_out, "slot lost, duplicated or reordered across a kill");
+            assert_eq!(
+                *v, next_out,
+                "slot lost, duplicated or reordered across a kill"
+            );
             next_out += 1;
         }
         rng ^= rng << 13;
@@ -217,7 +314,9 @@ fn killed_server_is_replaced_without_loss() {
             kills += 1;
             server = spawn(&control, &rings);
             generation += 1;
-            until("replacement up", Duration::from_secs(20), || control.generation().get() == generation);
+            until("replacement up", Duration::from_secs(20), || {
+                control.generation().get() == generation
+            });
         }
         if n == 0 {
             std::thread::yield_now();

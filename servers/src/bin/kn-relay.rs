@@ -51,12 +51,16 @@ impl Server for Relay {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
-        codec::encode("relay", FORMAT, env!("CARGO_PKG_VERSION"), &self.state).map_err(|e| ServerError::Snapshot(e.to_string()))
+        codec::encode("relay", FORMAT, env!("CARGO_PKG_VERSION"), &self.state)
+            .map_err(|e| ServerError::Snapshot(e.to_string()))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
-        let snap = codec::decode(snapshot, "relay", 1..=FORMAT).map_err(|e| ServerError::Restore(e.to_string()))?;
-        self.state = snap.state().map_err(|e| ServerError::Restore(e.to_string()))?;
+        let snap = codec::decode(snapshot, "relay", 1..=FORMAT)
+            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        self.state = snap
+            .state()
+            .map_err(|e| ServerError::Restore(e.to_string()))?;
         Ok(())
     }
 }

@@ -187,8 +187,21 @@ struct Offsets {
     standby_bell: usize,
     cmd: usize,
     reply: usize,
+    counters: usize,
     snapshot: usize,
     size: usize,
+}
+
+/// Number of named counters a control block holds.
+pub const COUNTERS: usize = 64;
+/// Longest counter name.
+pub const COUNTER_NAME: usize = 40;
+
+/// A named counter slot: a NUL-padded name and a value. Written by the server only.
+#[repr(C, align(64))]
+struct CounterSlot {
+    name: [u8; COUNTER_NAME],
+    value: u64,
 }
 
 fn offsets(snapshot_capacity: usize) -> Offsets {
@@ -205,6 +218,7 @@ fn offsets(snapshot_capacity: usize) -> Offsets {
         Ring::<ControlMsg>::size_in_region(RING_CAP),
         Ring::<ControlMsg>::ALIGN,
     );
+    let counters = l.place(COUNTERS * std::mem::size_of::<CounterSlot>(), 64);
     let snapshot = l.place(snapshot_capacity, 64);
     Offsets {
         shm,
@@ -213,6 +227,7 @@ fn offsets(snapshot_capacity: usize) -> Offsets {
         standby_bell,
         cmd,
         reply,
+        counters,
         snapshot,
         size: l.size(),
     }
@@ -231,6 +246,34 @@ pub enum ControlError {
     SnapshotTooBig { len: usize, capacity: usize },
     #[error("snapshot area holds a length of {len} bytes, more than its {capacity}-byte capacity")]
     SnapshotCorrupt { len: u64, capacity: u64 },
+}
+
+/// A counter in a control block (see [`ControlBlock::counter`]). Cheap to increment.
+#[derive(Clone, Debug)]
+pub struct Counter(Option<(Region, usize)>);
+
+impl Counter {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        if let Some((r, at)) = &self.0 {
+            if let Ok(a) = r.atomic_u64(*at) {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0
+            .as_ref()
+            .and_then(|(r, at)| r.atomic_u64(*at).ok())
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
 }
 
 /// A handle on a server's control region. The supervisor creates it; the server opens it.
@@ -472,6 +515,57 @@ impl ControlBlock {
     pub(crate) fn set_handover_result(&self, ok: bool) {
         self.cell(field!(handover_result))
             .store(if ok { 1 } else { 2 }, Ordering::Release)
+    }
+
+    /// Registers (or finds, after a restart) the counter `name` and returns a handle to it.
+    /// Counters live in the control region, so they survive restarts. Names longer than
+    /// [`COUNTER_NAME`] bytes are cut; past [`COUNTERS`] names, increments are discarded.
+    pub fn counter(&self, name: &str) -> Counter {
+        let mut want = [0u8; COUNTER_NAME];
+        for (d, s) in want.iter_mut().zip(name.bytes()) {
+            *d = s;
+        }
+        for i in 0..COUNTERS {
+            let at = self.off.counters + i * std::mem::size_of::<CounterSlot>();
+            let mut have = [0u8; COUNTER_NAME];
+            if self.region.read_bytes(at, &mut have).is_err() {
+                break;
+            }
+            if have == want {
+                return Counter(
+                    self.region
+                        .atomic_u64(at + COUNTER_NAME)
+                        .ok()
+                        .map(|_| (self.region.clone(), at + COUNTER_NAME)),
+                );
+            }
+            if have[0] == 0 {
+                if self.region.write_bytes(at, &want).is_err() {
+                    break;
+                }
+                return Counter(Some((self.region.clone(), at + COUNTER_NAME)));
+            }
+        }
+        Counter(None)
+    }
+
+    /// Every registered counter, by name (for status).
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for i in 0..COUNTERS {
+            let at = self.off.counters + i * std::mem::size_of::<CounterSlot>();
+            let mut name = [0u8; COUNTER_NAME];
+            if self.region.read_bytes(at, &mut name).is_err() || name[0] == 0 {
+                break;
+            }
+            let end = name.iter().position(|&b| b == 0).unwrap_or(COUNTER_NAME);
+            let value = self
+                .region
+                .atomic_u64(at + COUNTER_NAME)
+                .map_or(0, |a| a.load(Ordering::Relaxed));
+            out.push((String::from_utf8_lossy(&name[..end]).into_owned(), value));
+        }
+        out
     }
 
     /// Stores a snapshot in the snapshot area.

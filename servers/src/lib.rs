@@ -24,6 +24,7 @@ pub mod codec;
 pub mod control;
 pub mod runtime;
 pub mod telemetry;
+pub mod wiring;
 
 pub use boot::{Boot, BootError};
 pub use control::{Command, ControlBlock, ControlMsg, Handover, ServerState};

@@ -11,8 +11,16 @@
 //! Fences A and B are totally ordered: either the consumer's check sees the new work, or the
 //! producer sees `sleeping == 1` and bumps `epoch`, in which case `futex_wait(e)` returns at
 //! once (the kernel compares the word) or the wake reaches the waiter.
+//!
+//! A consumer that must also wait for other fds (the driver: its TAP device) cannot wait on a
+//! futex. Its doorbell then carries an eventfd, shared by the supervisor with the consumer and
+//! every producer ([`Doorbell::with_eventfd`]): a producer that sees `sleeping` writes the
+//! eventfd, and the consumer `poll`s it together with its own fds ([`Doorbell::wait_fds`]).
+//! The eventfd counter is level-triggered, so the protocol above stays free of lost wake-ups.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::region::{Region, RegionError};
@@ -73,6 +81,18 @@ pub enum WaitOutcome {
 pub struct Doorbell {
     region: Region,
     offset: usize,
+    efd: Option<Arc<OwnedFd>>,
+}
+
+/// Creates an eventfd for [`Doorbell::with_eventfd`] (close-on-exec, non-blocking).
+pub fn new_eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative return is a fresh fd we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Doorbell {
@@ -87,6 +107,7 @@ impl Doorbell {
         let bell = Doorbell {
             region: region.clone(),
             offset,
+            efd: None,
         };
         let s = bell.shm();
         s.epoch.store(0, Ordering::Relaxed);
@@ -101,6 +122,7 @@ impl Doorbell {
         let bell = Doorbell {
             region: region.clone(),
             offset,
+            efd: None,
         };
         if bell.shm().magic.load(Ordering::Acquire) != BELL_MAGIC {
             return Err(RegionError::BadMagic {
@@ -121,6 +143,19 @@ impl Doorbell {
         unsafe { &*p.cast::<BellShm>() }
     }
 
+    /// Attaches the eventfd that the consumer polls (see the module docs). Every holder of
+    /// this doorbell, consumer and producers, must attach the same eventfd.
+    pub fn with_eventfd(mut self, fd: OwnedFd) -> Doorbell {
+        self.efd = Some(Arc::new(fd));
+        self
+    }
+
+    /// The attached eventfd, if any (to hand to a producer process).
+    pub fn eventfd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.efd.as_ref().map(|f| f.as_fd())
+    }
+
     /// Producer side: call after publishing work. Makes a syscall only if the consumer sleeps.
     #[inline]
     pub fn ring(&self) {
@@ -130,7 +165,14 @@ impl Doorbell {
         if s.sleeping.load(Ordering::Relaxed) != 0 {
             s.epoch.fetch_add(1, Ordering::SeqCst);
             s.wakes.fetch_add(1, Ordering::Relaxed);
-            futex_wake(&s.epoch);
+            match &self.efd {
+                Some(fd) => {
+                    let one = 1u64.to_ne_bytes();
+                    // EAGAIN (counter saturated) still leaves the fd readable: nothing to do.
+                    let _ = nix::unistd::write(fd, &one);
+                }
+                None => futex_wake(&s.epoch),
+            }
         }
     }
 
@@ -195,6 +237,86 @@ impl Doorbell {
             s.sleeping.store(0, Ordering::Relaxed);
             if ready() {
                 return WaitOutcome::Woken;
+            }
+        }
+    }
+
+    /// Like [`Doorbell::wait`], but the park also ends when one of `fds` becomes readable.
+    /// Needs an attached eventfd; without one the park is a `poll` of `fds` in 1 ms slices.
+    /// Returns the outcome and whether one of `fds` (not the doorbell) was readable.
+    pub fn wait_fds(
+        &self,
+        policy: SpinPolicy,
+        timeout: Option<Duration>,
+        mut ready: impl FnMut() -> bool,
+        fds: &[RawFd],
+    ) -> (WaitOutcome, bool) {
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        if let Some(spin) = policy.spin {
+            if !spin.is_zero() {
+                let o = self.wait(policy, Some(spin.min(timeout.unwrap_or(spin))), &mut ready);
+                if o != WaitOutcome::TimedOut {
+                    return (o, false);
+                }
+            } else if ready() {
+                return (WaitOutcome::Spun, false);
+            }
+        } else {
+            // Never park: spin until work or the timeout.
+            return (self.wait(policy, timeout, &mut ready), false);
+        }
+        let s = self.shm();
+        let efd = self.efd.as_ref().map(|f| f.as_raw_fd());
+        let mut pfds: Vec<libc::pollfd> = efd
+            .iter()
+            .chain(fds.iter())
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        loop {
+            s.sleeping.store(1, Ordering::SeqCst);
+            // Sync point A (see the module docs).
+            fence(Ordering::SeqCst);
+            if ready() {
+                s.sleeping.store(0, Ordering::Relaxed);
+                return (WaitOutcome::Woken, false);
+            }
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if remaining.is_some_and(|r| r.is_zero()) {
+                s.sleeping.store(0, Ordering::Relaxed);
+                return (WaitOutcome::TimedOut, false);
+            }
+            let ms = match (remaining, efd) {
+                (Some(r), Some(_)) => r.as_millis().clamp(1, i32::MAX as u128) as i32,
+                (None, Some(_)) => -1,
+                (_, None) => 1,
+            };
+            s.parks.fetch_add(1, Ordering::Relaxed);
+            for p in pfds.iter_mut() {
+                p.revents = 0;
+            }
+            // SAFETY: `pfds` is a live, correctly sized array of pollfd for the call; poll
+            // only writes `revents`. A closed fd yields POLLNVAL, not undefined behaviour.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+            s.sleeping.store(0, Ordering::Relaxed);
+            if let Some(fd) = efd {
+                if pfds.first().is_some_and(|p| p.revents & libc::POLLIN != 0) {
+                    let mut buf = [0u8; 8];
+                    // SAFETY: reading 8 bytes into a live 8-byte buffer from our eventfd.
+                    let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+                }
+            }
+            let skip = usize::from(efd.is_some());
+            let fd_ready = n > 0 && pfds[skip..].iter().any(|p| p.revents != 0);
+            if fd_ready {
+                return (WaitOutcome::Woken, true);
+            }
+            if ready() {
+                return (WaitOutcome::Woken, false);
             }
         }
     }

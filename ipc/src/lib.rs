@@ -20,7 +20,7 @@ pub mod pool;
 pub mod region;
 pub mod ring;
 
-pub use doorbell::{Doorbell, SpinPolicy, WaitOutcome};
+pub use doorbell::{new_eventfd, Doorbell, SpinPolicy, WaitOutcome};
 pub use generation::Generation;
 pub use layout::RegionLayout;
 pub use pod::Pod;

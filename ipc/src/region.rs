@@ -324,7 +324,7 @@ impl Region {
                 .checked_add(len)
                 .is_some_and(|end| end <= self.inner.size);
         let base = self.inner.map.as_mut_ptr();
-        let aligned = align.is_power_of_two() && (base as usize + offset) % align == 0;
+        let aligned = align.is_power_of_two() && (base as usize).wrapping_add(offset) % align == 0;
         if !in_bounds || !aligned {
             return Err(RegionError::OutOfBounds {
                 offset,

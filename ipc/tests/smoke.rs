@@ -34,3 +34,65 @@ fn ring_push_pop_and_wrap() {
     }
     assert_eq!(got, next);
 }
+
+#[test]
+fn eventfd_doorbell_wakes_on_bell_and_on_fd() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let mut l = RegionLayout::new();
+    let off = l.place(Doorbell::SIZE, Doorbell::ALIGN);
+    let r = Region::create("efd", RegionKind::TEST, l.size()).unwrap();
+    let efd = new_eventfd().unwrap();
+    let efd2 = efd.try_clone().unwrap();
+    let bell = Doorbell::init(&r, off).unwrap().with_eventfd(efd);
+    let producer_bell = Doorbell::attach(&r, off).unwrap().with_eventfd(efd2);
+    let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+    let flag = Arc::new(AtomicBool::new(false));
+
+    // 1. Woken by the bell (the flag is the "work").
+    let f = flag.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        f.store(true, Ordering::Release);
+        producer_bell.ring();
+        producer_bell
+    });
+    let (o, fd_ready) = bell.wait_fds(
+        SpinPolicy::PARK_AT_ONCE,
+        Some(Duration::from_secs(10)),
+        || flag.load(Ordering::Acquire),
+        &[pipe_r.as_raw_fd()],
+    );
+    assert_eq!((o, fd_ready), (WaitOutcome::Woken, false));
+    let producer_bell = t.join().unwrap();
+    assert!(producer_bell.wakes() >= 1 || bell.parks() == 0);
+
+    // 2. Woken by the other fd.
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        nix::unistd::write(&pipe_w, b"x").unwrap();
+        pipe_w
+    });
+    let (o, fd_ready) = bell.wait_fds(
+        SpinPolicy::PARK_AT_ONCE,
+        Some(Duration::from_secs(10)),
+        || false,
+        &[pipe_r.as_raw_fd()],
+    );
+    assert_eq!((o, fd_ready), (WaitOutcome::Woken, true));
+    let _w = t.join().unwrap();
+
+    // 3. Times out when nothing happens.
+    let mut buf = [0u8; 1];
+    nix::unistd::read(pipe_r.as_raw_fd(), &mut buf).unwrap();
+    let (o, _) = bell.wait_fds(
+        SpinPolicy::PARK_AT_ONCE,
+        Some(Duration::from_millis(30)),
+        || false,
+        &[pipe_r.as_raw_fd()],
+    );
+    assert_eq!(o, WaitOutcome::TimedOut);
+}

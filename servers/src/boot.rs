@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `KEEPNET_CONTROL_FD` | fd number of the server's control region (inherited) |
 //! | `KEEPNET_REGIONS` | other inherited regions, `name=fd,name=fd` |
+//! | `KEEPNET_FDS` | other inherited fds (eventfds, devices), `name=fd,name=fd`; `bell` is the eventfd of this server's own doorbell, `bell.NAME` a peer's |
 //! | `KEEPNET_CORE` | core to pin to, or `none` |
 //! | `KEEPNET_SPIN_NS` | spin budget before parking, in ns, or `forever` (dedicated core) |
 //! | `KEEPNET_PARK_TIMEOUT_MS` | longest park; bounds the heartbeat period while idle |
@@ -12,7 +13,7 @@
 //! | `KEEPNET_LOG` | tracing filter (`info`, `keepnet=debug`, ...) |
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::process::Command;
 use std::time::Duration;
 
@@ -54,6 +55,7 @@ pub enum BootError {
 pub struct Boot {
     control: ControlBlock,
     regions: BTreeMap<String, OwnedFd>,
+    fds: BTreeMap<String, OwnedFd>,
     options: RunOptions,
 }
 
@@ -94,23 +96,12 @@ impl Boot {
                 source,
             })?;
         let control = ControlBlock::open(region)?;
-        let mut regions = BTreeMap::new();
-        if let Some(list) = var("KEEPNET_REGIONS")? {
-            for item in list.split(',').filter(|s| !s.trim().is_empty()) {
-                let (name, fd) = item.split_once('=').ok_or_else(|| BootError::Invalid {
-                    var: "KEEPNET_REGIONS",
-                    value: list.clone(),
-                    why: format!("{item:?} is not name=fd"),
-                })?;
-                let fd = parse_fd("KEEPNET_REGIONS", fd)?;
-                let owned =
-                    keepnet_ipc::fdpass::take_inherited(fd).map_err(|source| BootError::Fd {
-                        what: name.into(),
-                        source,
-                    })?;
-                regions.insert(name.to_string(), owned);
-            }
-        }
+        let regions = named_fds("KEEPNET_REGIONS")?;
+        let mut fds = named_fds("KEEPNET_FDS")?;
+        let control = match fds.remove("bell") {
+            Some(fd) => control.with_bell_eventfd(fd),
+            None => control,
+        };
         let core = match var("KEEPNET_CORE")?.as_deref().map(str::trim) {
             None | Some("") | Some("none") => None,
             Some(c) => Some(c.parse::<usize>().map_err(|e| BootError::Invalid {
@@ -144,6 +135,7 @@ impl Boot {
         Ok(Boot {
             control,
             regions,
+            fds,
             options: RunOptions {
                 core,
                 spin,
@@ -175,9 +167,35 @@ impl Boot {
         })
     }
 
+    /// Takes the inherited fd handed over under `name` (each can be taken once).
+    pub fn fd(&mut self, name: &str) -> Option<OwnedFd> {
+        self.fds.remove(name)
+    }
+
     pub(crate) fn into_parts(self) -> (ControlBlock, RunOptions) {
         (self.control, self.options)
     }
+}
+
+fn named_fds(var_name: &'static str) -> Result<BTreeMap<String, OwnedFd>, BootError> {
+    let mut out = BTreeMap::new();
+    let Some(list) = var(var_name)? else {
+        return Ok(out);
+    };
+    for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+        let (name, fd) = item.split_once('=').ok_or_else(|| BootError::Invalid {
+            var: var_name,
+            value: list.clone(),
+            why: format!("{item:?} is not name=fd"),
+        })?;
+        let fd = parse_fd(var_name, fd)?;
+        let owned = keepnet_ipc::fdpass::take_inherited(fd).map_err(|source| BootError::Fd {
+            what: name.into(),
+            source,
+        })?;
+        out.insert(name.to_string(), owned);
+    }
+    Ok(out)
 }
 
 /// Supervisor side: sets up `cmd` to start a server with `control`, the named `regions` and
@@ -188,32 +206,44 @@ pub fn prepare(
     regions: &[(&str, &Region)],
     options: &RunOptions,
 ) {
+    prepare_with_fds(cmd, control, regions, &[], options)
+}
+
+/// [`prepare`], also handing over other fds by name (`bell`, `bell.driver`, a TAP fd...).
+pub fn prepare_with_fds(
+    cmd: &mut Command,
+    control: &ControlBlock,
+    regions: &[(&str, &Region)],
+    other: &[(&str, BorrowedFd<'_>)],
+    options: &RunOptions,
+) {
     let mut fds = vec![control.region().fd()];
     let mut list = Vec::new();
     for (name, r) in regions {
         fds.push(r.fd());
         list.push(format!("{name}={}", r.fd().as_raw_fd()));
     }
-    let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut extra = Vec::new();
+    for (name, fd) in other {
+        fds.push(fd.as_fd());
+        extra.push(format!("{name}={}", fd.as_raw_fd()));
+    }
     keepnet_ipc::fdpass::inherit_fds(cmd, &fds);
+    let core = options
+        .core
+        .map_or_else(|| "none".to_string(), |c| c.to_string());
+    let spin = options
+        .spin
+        .spin
+        .map_or_else(|| "forever".to_string(), |d| d.as_nanos().to_string());
     cmd.env(
         "KEEPNET_CONTROL_FD",
         control.region().fd().as_raw_fd().to_string(),
     )
     .env("KEEPNET_REGIONS", list.join(","))
-    .env(
-        "KEEPNET_CORE",
-        options
-            .core
-            .map_or_else(|| "none".to_string(), |c| c.to_string()),
-    )
-    .env(
-        "KEEPNET_SPIN_NS",
-        options
-            .spin
-            .spin
-            .map_or_else(|| "forever".to_string(), |d| d.as_nanos().to_string()),
-    )
+    .env("KEEPNET_FDS", extra.join(","))
+    .env("KEEPNET_CORE", core)
+    .env("KEEPNET_SPIN_NS", spin)
     .env(
         "KEEPNET_PARK_TIMEOUT_MS",
         options.park_timeout.as_millis().to_string(),

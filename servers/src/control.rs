@@ -363,6 +363,14 @@ impl ControlBlock {
         }
     }
 
+    /// Attaches the eventfd of this server's doorbell (for a server that also waits on other
+    /// fds; see `keepnet_ipc::doorbell`). The supervisor and every producer into this server
+    /// must attach the same eventfd.
+    pub fn with_bell_eventfd(mut self, fd: std::os::fd::OwnedFd) -> ControlBlock {
+        self.bell = self.bell.with_eventfd(fd);
+        self
+    }
+
     /// The server's doorbell: producers into the server ring it.
     pub fn doorbell(&self) -> &Doorbell {
         &self.bell

@@ -47,6 +47,13 @@ pub trait Server {
     /// [`Server::poll`] would find work. Used to re-check before parking.
     fn has_work(&mut self) -> bool;
 
+    /// An fd whose readability is also work (the driver's TAP device): while idle, the loop
+    /// parks until the doorbell rings or this fd is readable. The server's doorbell must then
+    /// carry an eventfd (the supervisor hands it over as fd `bell`).
+    fn wait_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Serializes private state (called while quiesced, at a batch boundary). Use
     /// [`crate::codec::encode`].
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
@@ -188,9 +195,15 @@ pub fn run<S: Server>(
         } else {
             SpinPolicy::PARK_AT_ONCE
         };
-        let outcome = bell.wait(policy, Some(opts.park_timeout), || {
-            (running && server.has_work()) || cmds.has_data()
-        });
+        let fd = if running { server.wait_fd() } else { None };
+        let ready = || (running && server.has_work()) || cmds.has_data();
+        let outcome = match fd {
+            Some(fd) => {
+                bell.wait_fds(policy, Some(opts.park_timeout), ready, &[fd])
+                    .0
+            }
+            None => bell.wait(policy, Some(opts.park_timeout), ready),
+        };
         if outcome == WaitOutcome::TimedOut {
             continue;
         }

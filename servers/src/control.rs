@@ -187,10 +187,14 @@ struct Offsets {
     standby_bell: usize,
     cmd: usize,
     reply: usize,
+    version: usize,
     counters: usize,
     snapshot: usize,
     size: usize,
 }
+
+/// Longest build version string.
+pub const VERSION_LEN: usize = 32;
 
 /// Number of named counters a control block holds.
 pub const COUNTERS: usize = 64;
@@ -218,6 +222,7 @@ fn offsets(snapshot_capacity: usize) -> Offsets {
         Ring::<ControlMsg>::size_in_region(RING_CAP),
         Ring::<ControlMsg>::ALIGN,
     );
+    let version = l.place(VERSION_LEN, 64);
     let counters = l.place(COUNTERS * std::mem::size_of::<CounterSlot>(), 64);
     let snapshot = l.place(snapshot_capacity, 64);
     Offsets {
@@ -227,6 +232,7 @@ fn offsets(snapshot_capacity: usize) -> Offsets {
         standby_bell,
         cmd,
         reply,
+        version,
         counters,
         snapshot,
         size: l.size(),
@@ -523,6 +529,23 @@ impl ControlBlock {
     pub(crate) fn set_handover_result(&self, ok: bool) {
         self.cell(field!(handover_result))
             .store(if ok { 1 } else { 2 }, Ordering::Release)
+    }
+
+    /// Build version of the server that last started on this block.
+    pub fn version(&self) -> String {
+        let mut raw = [0u8; VERSION_LEN];
+        if self.region.read_bytes(self.off.version, &mut raw).is_err() {
+            return String::new();
+        }
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(VERSION_LEN);
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
+    pub(crate) fn set_version(&self, v: &str) {
+        let mut raw = [0u8; VERSION_LEN];
+        for (d, s) in raw.iter_mut().zip(v.bytes()) {
+            *d = s;
+        }
+        let _ = self.region.write_bytes(self.off.version, &raw);
     }
 
     /// Registers (or finds, after a restart) the counter `name` and returns a handle to it.

@@ -11,6 +11,13 @@ use crate::control::{
     monotonic_ns, Command, ControlBlock, ControlError, ControlMsg, Handover, ServerState,
 };
 
+/// The build version servers report (`KEEPNET_BUILD_VERSION` at build time, else the crate
+/// version).
+pub const BUILD_VERSION: &str = match option_env!("KEEPNET_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 /// Work done by one poll: items processed (frames, segments, datagrams...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Progress(pub u64);
@@ -108,6 +115,7 @@ pub fn run<S: Server>(
 ) -> Result<(), ServerError> {
     control.set_state(ServerState::Starting);
     control.set_pid(std::process::id());
+    control.set_version(BUILD_VERSION);
     let pinned = opts.core.filter(|&c| pin(c));
     if let (Some(c), None) = (opts.core, pinned) {
         warn!(core = c, "could not pin to core; running unpinned");
@@ -228,6 +236,10 @@ where
     S: Server,
     F: FnOnce(&mut Boot) -> Result<S, ServerError>,
 {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("keepnet-{name} {BUILD_VERSION}");
+        return ExitCode::SUCCESS;
+    }
     crate::telemetry::init();
     let span = info_span!("server", name);
     let _g = span.enter();

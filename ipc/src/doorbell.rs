@@ -6,7 +6,7 @@
 //! set. The protocol loses no wake-up:
 //!
 //! * consumer: `e = epoch`; `sleeping = 1`; fence(SeqCst) [A]; check for work; futex_wait(e)
-//! * producer: publish work (Release); fence(SeqCst) [B]; if sleeping { epoch += 1; wake }
+//! * producer: publish work (Release); fence(SeqCst) [B]; if swap(sleeping, 0) { epoch += 1; wake }
 //!
 //! Fences A and B are totally ordered: either the consumer's check sees the new work, or the
 //! producer sees `sleeping == 1` and bumps `epoch`, in which case `futex_wait(e)` returns at
@@ -162,7 +162,10 @@ impl Doorbell {
         let s = self.shm();
         // Sync point B: orders our publish before the `sleeping` load (pairs with fence A).
         fence(Ordering::SeqCst);
-        if s.sleeping.load(Ordering::Relaxed) != 0 {
+        // Clearing the flag as we wake means the pushes that follow, before the woken consumer
+        // runs, make no syscall. Still no lost wake-up: the consumer re-arms `sleeping` and
+        // re-checks on every park, and its futex_wait compares `epoch`, bumped here.
+        if s.sleeping.load(Ordering::Relaxed) != 0 && s.sleeping.swap(0, Ordering::SeqCst) != 0 {
             s.epoch.fetch_add(1, Ordering::SeqCst);
             s.wakes.fetch_add(1, Ordering::Relaxed);
             match &self.efd {

@@ -659,6 +659,14 @@ impl FreeList {
         self.me
     }
 
+    /// The re-takes this list still allows (see [`FreeList::recover`]), for an endpoint that
+    /// also receives this pool's buffers on rings other than the one it collects from (the
+    /// driver takes RX_POOL buffers from `tx` as well as from `rx_return`): pass it to
+    /// [`BufferPool::take`] there, so each re-take is honoured once, whichever ring it is on.
+    pub fn retakes_mut(&mut self) -> &mut Retakes {
+        &mut self.retakes
+    }
+
     /// Home side: sends up to `n` free buffers to a client over its grant ring. They stay
     /// ours in the table until the client takes them.
     pub fn grant(

@@ -335,16 +335,20 @@ impl<T: Pod> Ring<T> {
     fn read_slot(&self, i: u64) -> T {
         let at = (i & (self.capacity - 1)) as usize;
         // SAFETY: `at < capacity` and the slot array holds `capacity` slots (checked at
-        // build), aligned for T. A volatile copy never forms a reference into memory the peer
-        // may write, and T: Pod is valid for any bit pattern.
-        unsafe { std::ptr::read_volatile(self.slots().add(at)) }
+        // build), aligned for T. The copy forms no reference into shared memory. The ring
+        // protocol makes this slot ours alone (published before our Acquire of the index);
+        // a peer that breaks the protocol can at worst make us read a torn value, and T: Pod
+        // is valid for any bit pattern. (A plain copy, not a volatile one: volatile moves a
+        // byte array one byte at a time.)
+        unsafe { std::ptr::read(self.slots().add(at)) }
     }
 
     #[inline]
     fn write_slot(&self, i: u64, v: T) {
         let at = (i & (self.capacity - 1)) as usize;
-        // SAFETY: as in read_slot; the ring protocol makes this slot the producer's alone.
-        unsafe { std::ptr::write_volatile(self.slots().add(at), v) }
+        // SAFETY: as in read_slot; the ring protocol makes this slot the producer's alone
+        // until the Release store of the tail publishes it.
+        unsafe { std::ptr::write(self.slots().add(at), v) }
     }
 
     fn claim(&self, producer: bool) -> Result<Claim, RingError> {

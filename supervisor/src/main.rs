@@ -1,2 +1,85 @@
+//! `keepnet`: the command that starts, watches and measures a keepnet constellation.
+//!
+//! Only the subcommands that work are wired in; see DESIGN.md, "The keepnet command".
 #![deny(unsafe_code)]
-fn main() {}
+
+mod bench;
+mod cli;
+mod config;
+mod ctl;
+mod error;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Bench(args) => bench::run(args),
+        Command::BenchPeer(args) => bench::ipc::peer::run_peer(args),
+        Command::Up(a) => {
+            return done(ctl::client::up(
+                a.config.config.as_deref(),
+                a.netns,
+                a.foreground,
+            ))
+        }
+        Command::Status(a) => {
+            return done(ctl::client::status(a.config.config.as_deref()).map(|r| {
+                use std::io::Write;
+                let text = if a.json {
+                    serde_json::to_string_pretty(&r).unwrap_or_default() + "\n"
+                } else {
+                    r.render()
+                };
+                // A closed pipe (`| head`) is not an error worth a panic.
+                let _ = std::io::stdout().write_all(text.as_bytes());
+            }));
+        }
+        Command::Down(a) => return done(ctl::client::down(a.config.as_deref())),
+        Command::Capture(a) => {
+            let out = a.out.clone();
+            return done(
+                ctl::client::capture(a.config.config.as_deref(), &a.out, a.seconds).map(|n| {
+                    println!("capture: {n} frames written to {}", out.display());
+                }),
+            );
+        }
+        Command::Demo => return done(ctl::demo::run()),
+        Command::Daemon(a) => return done(ctl::client::daemon_main(a.config.as_deref(), a.netns)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keepnet: error: {}", error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status of a constellation command; its error messages are complete sentences.
+fn done(r: std::result::Result<(), ctl::client::ClientError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keepnet: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr (stdout carries results, e.g. `--json`); `RUST_LOG` overrides the level.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,160 @@
+//! The engine's counters: one enum, one name each (the names `keepnet status` shows).
+//!
+//! Every frame given to [`crate::IpStack::handle_frame`] ends in `rx.handled` or in exactly
+//! one per-frame drop reason (see [`Ctr::is_frame_drop`]), which also bumps `rx.dropped`.
+//! Other drops count packets or datagrams the engine gave up on later (ARP never resolved,
+//! reassembly timed out, no route for something we originate).
+
+macro_rules! counters {
+    ($($id:ident => $name:literal, $frame:literal;)*) => {
+        /// A counter of the engine.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum Ctr {
+            $(#[doc = $name] $id,)*
+        }
+
+        impl Ctr {
+            /// Every counter, in display order.
+            pub const ALL: &'static [Ctr] = &[$(Ctr::$id,)*];
+
+            /// The counter's name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Ctr::$id => $name,)*
+                }
+            }
+
+            /// True for the drop reasons a received frame can end in (each such drop also
+            /// bumps `rx.dropped`).
+            pub const fn is_frame_drop(self) -> bool {
+                match self {
+                    $(Ctr::$id => $frame,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    RxFrames => "rx.frames", false;
+    RxBytes => "rx.bytes", false;
+    RxHandled => "rx.handled", false;
+    RxDropped => "rx.dropped", false;
+    TxFrames => "tx.frames", false;
+    TxBytes => "tx.bytes", false;
+    ArpRequestsIn => "arp.requests_in", false;
+    ArpRepliesIn => "arp.replies_in", false;
+    ArpReplies => "arp.replies", false;
+    ArpRequests => "arp.requests", false;
+    ArpAnnounces => "arp.announces", false;
+    IpDelivered => "ip.delivered", false;
+    IpSent => "ip.sent", false;
+    IpFragsIn => "ip.frags_in", false;
+    IpReassembled => "ip.reassembled", false;
+    IpFragsOut => "ip.frags_out", false;
+    IcmpEchoRequestsIn => "icmp.echo_requests_in", false;
+    IcmpEchoReplied => "icmp.echo_replied", false;
+    IcmpEchoRepliesIn => "icmp.echo_replies_in", false;
+    IcmpEchoRequestsSent => "icmp.echo_requests_sent", false;
+    IcmpErrorsIn => "icmp.errors_in", false;
+    IcmpErrorsSent => "icmp.errors_sent", false;
+    IcmpEventsLost => "icmp.events_lost", false;
+    DropEthShort => "drop.eth_short", true;
+    DropEthNotOurs => "drop.eth_not_ours", true;
+    DropEthType => "drop.eth_type", true;
+    DropArpMalformed => "drop.arp_malformed", true;
+    DropArpNotOurs => "drop.arp_not_ours", true;
+    DropArpConflict => "drop.arp_conflict", true;
+    DropIpv4Short => "drop.ipv4_short", true;
+    DropIpv4Version => "drop.ipv4_version", true;
+    DropIpv4Ihl => "drop.ipv4_ihl", true;
+    DropIpv4Checksum => "drop.ipv4_checksum", true;
+    DropIpv4TotalLen => "drop.ipv4_total_len", true;
+    DropIpv4NotOurs => "drop.ipv4_not_ours", true;
+    DropIpv4Src => "drop.ipv4_src", true;
+    DropFragBad => "drop.frag_bad", true;
+    DropFragDuplicate => "drop.frag_duplicate", true;
+    DropFragOverlap => "drop.frag_overlap", true;
+    DropFragLimit => "drop.frag_limit", true;
+    DropIcmpShort => "drop.icmp_short", true;
+    DropIcmpChecksum => "drop.icmp_checksum", true;
+    DropIcmpType => "drop.icmp_type", true;
+    DropIcmpBroadcast => "drop.icmp_broadcast", true;
+    DropProtoUnreachable => "drop.proto_unreachable", true;
+    DropFragTimeout => "drop.frag_timeout", false;
+    DropFragEvicted => "drop.frag_evicted", false;
+    DropNoRoute => "drop.no_route", false;
+    DropArpUnresolved => "drop.arp_unresolved", false;
+    DropArpQueueFull => "drop.arp_queue_full", false;
+    DropTxTooBig => "drop.tx_too_big", false;
+}
+
+/// Values of every [`Ctr`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counters([u64; Ctr::ALL.len()]);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters([0; Ctr::ALL.len()])
+    }
+}
+
+impl Counters {
+    /// Adds `n` to `c`.
+    #[inline]
+    pub fn add(&mut self, c: Ctr, n: u64) {
+        if let Some(v) = self.0.get_mut(c as usize) {
+            *v = v.wrapping_add(n);
+        }
+    }
+    /// Adds one to `c`.
+    #[inline]
+    pub fn inc(&mut self, c: Ctr) {
+        self.add(c, 1)
+    }
+    /// Value of `c`.
+    pub fn get(&self, c: Ctr) -> u64 {
+        self.0.get(c as usize).copied().unwrap_or(0)
+    }
+    /// Value of the counter named `name` (0 if no such counter).
+    pub fn by_name(&self, name: &str) -> u64 {
+        Ctr::ALL
+            .iter()
+            .find(|c| c.name() == name)
+            .map_or(0, |c| self.get(*c))
+    }
+    /// Every counter with its name and value.
+    pub fn iter(&self) -> impl Iterator<Item = (Ctr, &'static str, u64)> + '_ {
+        Ctr::ALL.iter().map(|c| (*c, c.name(), self.get(*c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keepnet_server::control::{COUNTERS, COUNTER_NAME};
+
+    #[test]
+    fn names_are_unique_and_fit_the_control_block() {
+        let mut names: Vec<&str> = Ctr::ALL.iter().map(|c| c.name()).collect();
+        assert!(names.iter().all(|n| n.len() <= COUNTER_NAME), "names fit");
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Ctr::ALL.len(), "unique");
+        // The server registers 4 of its own (drop.desc_bad, drop.tx_no_buffer,
+        // drop.tx_ring_full, drop.frame_too_big).
+        assert!(
+            Ctr::ALL.len() + 4 <= COUNTERS,
+            "{} counters",
+            Ctr::ALL.len() + 4
+        );
+        for (i, c) in Ctr::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            assert_eq!(
+                c.name().starts_with("drop.") && c.is_frame_drop(),
+                c.is_frame_drop()
+            );
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! `keepnet bench TARGET`: benchmarks, each beside its baselines in the same run.
+
+pub mod affinity;
+pub mod fds;
+pub mod ipc;
+pub mod ping;
+pub mod stats;
+
+use crate::cli::{BenchArgs, BenchTarget};
+use crate::error::Result;
+
+/// Runs the benchmark named on the command line.
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.target {
+        BenchTarget::Ipc(a) => ipc::run(&a),
+        BenchTarget::Ping(a) => ping::run(a.json, a.count),
+    }
+}

@@ -1,0 +1,130 @@
+//! The command line. Subcommands appear here as they are implemented; `--help` lists only
+//! what works.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bench::ipc::peer::PeerArgs;
+
+/// keepnet: a user-space TCP/IP stack of cooperating processes.
+#[derive(Debug, Parser)]
+#[command(name = "keepnet", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a constellation (driver and ip servers); exits 0 once every server is ready.
+    Up(UpArgs),
+    /// Show each server: pid, core, state, generation, restarts, version, uptime, packets,
+    /// drops by reason.
+    Status(StatusArgs),
+    /// Stop everything; release shared memory, the TAP device and a namespace `up` made.
+    Down(ConfigArg),
+    /// Mirror every frame at the driver into a pcap file (tcpdump -r reads it).
+    Capture(CaptureArgs),
+    /// The main job with no setup (needs root): a private network namespace, keepnet up in
+    /// it, pings from the Linux kernel on the other side of the TAP, status, teardown.
+    Demo,
+    /// Internal: the supervisor daemon (started by `keepnet up`).
+    #[command(name = "__daemon", hide = true)]
+    Daemon(DaemonArgs),
+    /// Run a benchmark beside its baselines, in the same run.
+    Bench(BenchArgs),
+    /// Internal: the peer process of `keepnet bench ipc` (started by keepnet itself).
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer(PeerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub target: BenchTarget,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchTarget {
+    /// Cross-process messaging: keepnet's ring against pipe, Unix socket, eventfd and bare
+    /// shared memory.
+    ///
+    /// Measures, between this process and a peer process, the round-trip latency (p50, p99)
+    /// of a 64-byte message and the one-way throughput of 64-byte messages sent one per
+    /// operation and 32 per operation, for each transport, with the two processes on two
+    /// CPUs (pinned) and on one CPU (shared_core). Takes about half a minute; progress goes
+    /// to stderr.
+    Ipc(IpcArgs),
+    /// ICMP echo round trip (p50, p99) from the Linux kernel to keepnet over TAP, beside the
+    /// round trip between two Linux namespaces over a veth pair, in the same run; needs root.
+    Ping(PingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Pings to each target (1 ms apart).
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct IpcArgs {
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Cut message counts and time limits about 20x (a smoke test: a few seconds, rough
+    /// figures).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// TOML config (every field has a default; see README).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Network namespace for the TAP device and every server (created if missing, and then
+    /// removed again by `down`).
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+    /// Stay in the foreground, logging to stderr, until Ctrl-C or `keepnet down`.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The pcap file to write.
+    #[arg(long, value_name = "FILE.pcap")]
+    pub out: std::path::PathBuf,
+    /// How long to capture.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    pub seconds: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub netns: Option<String>,
+}

@@ -1,0 +1,370 @@
+//! The TOML configuration. Every field has a default; unknown fields are errors that name the
+//! line, so a typo never silently means "default".
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// An IPv4 address with a prefix length, written `198.18.0.2/24`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/PREFIX (e.g. 198.18.0.2/24)"))?;
+        let addr: Ipv4Addr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
+        let prefix: u8 = p.parse().map_err(|e| format!("prefix {p:?}: {e}"))?;
+        if prefix > 32 {
+            return Err(format!("prefix {prefix} is over 32"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> String {
+        format!("{}/{}", c.addr, c.prefix)
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A MAC address written `02:6b:6e:00:00:02`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mac(pub [u8; 6]);
+
+impl TryFrom<String> for Mac {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "{s:?} is not a MAC address (six hex bytes separated by ':')"
+            ));
+        }
+        let mut m = [0u8; 6];
+        for (d, p) in m.iter_mut().zip(parts) {
+            *d =
+                u8::from_str_radix(p, 16).map_err(|_| format!("{s:?}: {p:?} is not a hex byte"))?;
+        }
+        if m[0] & 1 != 0 {
+            return Err(format!("{s:?} is a multicast address"));
+        }
+        Ok(Mac(m))
+    }
+}
+
+impl From<Mac> for String {
+    fn from(m: Mac) -> String {
+        m.to_string()
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// How servers are placed on cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// One core per server and no parking if the machine has a core for every server and
+    /// one to spare; otherwise shared.
+    #[default]
+    Auto,
+    /// One core per server, spinning, never parking.
+    Dedicated,
+    /// Servers spread over the cores there are; a server that shares its core with another
+    /// server parks at once, others spin briefly first.
+    Shared,
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Instance name: names the runtime directory, so several instances can run at once.
+    pub instance: String,
+    pub link: LinkConfig,
+    pub ip: IpConfig,
+    pub placement: PlacementConfig,
+    pub servers: ServersConfig,
+}
+
+/// The TAP device and the kernel's side of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkConfig {
+    /// TAP device name.
+    pub tap: String,
+    /// MTU of the link.
+    pub mtu: u32,
+    /// Address of the Linux kernel's side of the TAP.
+    pub kernel_addr: Cidr,
+    /// Frame buffers per pool.
+    pub frames: u32,
+}
+
+/// keepnet's own addresses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpConfig {
+    /// keepnet's address on the link.
+    pub addr: Cidr,
+    /// keepnet's MAC address.
+    pub mac: Mac,
+    /// Default gateway, if any.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Core placement and parking.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    pub mode: Placement,
+    /// Spin budget (µs) before parking, for a server whose core no other server shares.
+    pub spin_us: u64,
+    /// Longest park (ms): bounds the heartbeat period of an idle server.
+    pub park_timeout_ms: u64,
+}
+
+/// Per-server settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServersConfig {
+    pub driver: ServerConfig,
+    pub ip: ServerConfig,
+}
+
+/// One server's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Binary to run; default: `keepnet-NAME` beside the `keepnet` executable.
+    pub binary: Option<PathBuf>,
+    /// Core to pin to; default: chosen by the placement.
+    pub core: Option<usize>,
+    /// Log filter for this server (`info`, `debug`, ...).
+    pub log: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance: "default".into(),
+            link: LinkConfig::default(),
+            ip: IpConfig::default(),
+            placement: PlacementConfig::default(),
+            servers: ServersConfig::default(),
+        }
+    }
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            tap: "kn0".into(),
+            mtu: 1500,
+            kernel_addr: Cidr {
+                addr: Ipv4Addr::new(198, 18, 0, 1),
+                prefix: 24,
+            },
+            frames: 1024,
+        }
+    }
+}
+
+impl Default for IpConfig {
+    fn default() -> Self {
+        IpConfig {
+            addr: Cidr {
+                addr: Ipv4Addr::new(198, 18, 0, 2),
+                prefix: 24,
+            },
+            mac: Mac([0x02, 0x6b, 0x6e, 0x00, 0x00, 0x02]),
+            gateway: None,
+        }
+    }
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        PlacementConfig {
+            mode: Placement::Auto,
+            spin_us: 50,
+            park_timeout_ms: 50,
+        }
+    }
+}
+
+/// The server names, in start order.
+pub const SERVERS: [&str; 2] = ["driver", "ip"];
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field, message: String| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        if self.instance.is_empty()
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad(
+                "instance",
+                format!("{:?}: use letters, digits, '-' and '_'", self.instance),
+            ));
+        }
+        if self.link.tap.is_empty() || self.link.tap.len() > 15 || self.link.tap.contains('/') {
+            return Err(bad(
+                "link.tap",
+                format!("{:?}: a device name has 1 to 15 characters", self.link.tap),
+            ));
+        }
+        if !(576..=9000).contains(&self.link.mtu) {
+            return Err(bad(
+                "link.mtu",
+                format!("{} is outside 576..=9000", self.link.mtu),
+            ));
+        }
+        if !(16..=65536).contains(&self.link.frames) {
+            return Err(bad(
+                "link.frames",
+                format!("{} is outside 16..=65536", self.link.frames),
+            ));
+        }
+        if self.ip.addr.addr == self.link.kernel_addr.addr {
+            return Err(bad(
+                "ip.addr",
+                format!("{} is also the kernel side's address", self.ip.addr.addr),
+            ));
+        }
+        let mask = |p: u8| if p == 0 { 0 } else { u32::MAX << (32 - p) };
+        let m = mask(self.ip.addr.prefix);
+        if u32::from(self.ip.addr.addr) & m != u32::from(self.link.kernel_addr.addr) & m {
+            return Err(bad(
+                "link.kernel_addr",
+                format!(
+                    "{} is not on keepnet's subnet {}",
+                    self.link.kernel_addr.addr, self.ip.addr
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settings of server `name`.
+    pub fn server(&self, name: &str) -> &ServerConfig {
+        match name {
+            "driver" => &self.servers.driver,
+            _ => &self.servers.ip,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(c.instance, "default");
+        assert_eq!(c.link.tap, "kn0");
+        assert_eq!(c.ip.addr.to_string(), "198.18.0.2/24");
+        assert_eq!(c.link.kernel_addr.to_string(), "198.18.0.1/24");
+    }
+
+    #[test]
+    fn a_typo_names_its_line() {
+        let e = Config::parse(
+            "instance = \"a\"\n[link]\nmtuu = 1500\n",
+            Path::new("k.toml"),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("mtuu"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, field) in [
+            ("[link]\nmtu = 100\n", "link.mtu"),
+            ("[ip]\naddr = \"198.18.0.1/24\"\n", "ip.addr"),
+            (
+                "[link]\nkernel_addr = \"198.19.0.1/24\"\n",
+                "link.kernel_addr",
+            ),
+            ("instance = \"a b\"\n", "instance"),
+        ] {
+            let e = Config::parse(text, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
+        assert!(Config::parse("[ip]\nmac = \"zz\"\n", Path::new("k.toml")).is_err());
+        assert!(Config::parse("[ip]\naddr = \"198.18.0.2\"\n", Path::new("k.toml")).is_err());
+    }
+}

@@ -1,0 +1,346 @@
+//! The commands that start and talk to the daemon: up, status, down, capture.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::daemon::{self, Daemon, Options};
+use super::protocol::{Answer, Request, StateFile};
+use super::status::StatusReport;
+use crate::config::{Config, SERVERS};
+
+/// Why a command failed (the message says what to do).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("`keepnet {0}` needs root (it creates a TAP device and network namespaces): run it with sudo")]
+    NotRoot(&'static str),
+    #[error("/dev/net/tun does not exist: load the tun module (modprobe tun)")]
+    NoTun,
+    #[error("instance {instance:?} is already running (supervisor pid {pid}); `keepnet down` first, or pick another instance name in the config")]
+    AlreadyUp { instance: String, pid: u32 },
+    #[error("no keepnet instance {instance:?} is running (no control socket at {path})")]
+    NotRunning { instance: String, path: PathBuf },
+    #[error("{0}")]
+    Daemon(#[from] daemon::DaemonError),
+    #[error("keepnet up failed: {0}")]
+    StartFailed(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the supervisor answered: {0}")]
+    Remote(String),
+    #[error("unexpected answer from the supervisor: {0}")]
+    Protocol(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClientError {
+    let what = what.into();
+    move |source| ClientError::Io { what, source }
+}
+
+/// Loads the config (defaults when no file is given).
+pub fn load_config(path: Option<&Path>) -> Result<Config, ClientError> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn read_state(instance: &str) -> Option<StateFile> {
+    let text = std::fs::read_to_string(super::state_path(instance)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// The checks `up` makes before starting anything.
+pub fn preflight(config: &Config) -> Result<(), ClientError> {
+    if !is_root() {
+        return Err(ClientError::NotRoot("up"));
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Err(ClientError::NoTun);
+    }
+    for name in SERVERS {
+        daemon::binary_for(config, name)?;
+    }
+    if let Some(st) = read_state(&config.instance) {
+        if pid_alive(st.supervisor_pid) {
+            return Err(ClientError::AlreadyUp {
+                instance: config.instance.clone(),
+                pid: st.supervisor_pid,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `keepnet up`: starts the daemon and returns once every server is ready (or says why not).
+pub fn up(
+    config_path: Option<&Path>,
+    netns: Option<String>,
+    foreground: bool,
+) -> Result<(), ClientError> {
+    let config = load_config(config_path)?;
+    preflight(&config)?;
+    if foreground {
+        let mut d = Daemon::start(Options { config, netns })?;
+        println!(
+            "keepnet up (foreground): {} servers ready; Ctrl-C or `keepnet down` stops it",
+            SERVERS.len()
+        );
+        let r = d.serve();
+        drop(d);
+        return r.map_err(ClientError::from);
+    }
+    let dir = super::run_dir(&config.instance);
+    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+    let log = super::log_path(&config.instance);
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(io(format!("open {}", log.display())))?;
+    let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| io("pipe")(e.into()))?;
+    let exe = std::env::current_exe().map_err(io("find the keepnet executable"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__daemon")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().map_err(io("dup log"))?)
+        .stderr(logf)
+        .env(
+            "KEEPNET_READY_FD",
+            std::os::fd::AsRawFd::as_raw_fd(&ready_w).to_string(),
+        );
+    if let Some(p) = config_path {
+        let abs = std::fs::canonicalize(p).map_err(io(format!("config {}", p.display())))?;
+        cmd.arg("--config").arg(abs);
+    }
+    if let Some(ns) = &netns {
+        cmd.arg("--netns").arg(ns);
+    }
+    keepnet_ipc::fdpass::inherit_fds(&mut cmd, &[std::os::fd::AsFd::as_fd(&ready_w)]);
+    let mut child = cmd.spawn().map_err(io("start the supervisor"))?;
+    drop(ready_w);
+    // The daemon writes one line ("ready" or "error: ...") and closes the pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(ready_r).read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let msg = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(m) => m,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ClientError::StartFailed(format!(
+                "no answer from the supervisor in 60 s; see {}",
+                log.display()
+            )));
+        }
+    };
+    let msg = msg.trim();
+    if msg == "ready" {
+        println!(
+            "keepnet up: instance {} ready ({}), keepnet at {}, kernel side {} on {}{}",
+            config.instance,
+            SERVERS.join(", "),
+            config.ip.addr,
+            config.link.kernel_addr,
+            config.link.tap,
+            netns.map(|n| format!(" in netns {n}")).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let _ = child.wait();
+    let why = msg.strip_prefix("error: ").unwrap_or(msg);
+    if why.is_empty() {
+        return Err(ClientError::StartFailed(format!(
+            "the supervisor exited during start-up; see {}",
+            log.display()
+        )));
+    }
+    Err(ClientError::StartFailed(why.to_string()))
+}
+
+/// The daemon process (`keepnet __daemon`): start, report readiness on the pipe, serve.
+pub fn daemon_main(config_path: Option<&Path>, netns: Option<String>) -> Result<(), ClientError> {
+    let _ = nix::unistd::setsid();
+    let ready = std::env::var("KEEPNET_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .and_then(|fd| keepnet_ipc::fdpass::take_inherited(fd).ok())
+        .map(std::fs::File::from);
+    let config = match load_config(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(mut r) = ready {
+                let _ = writeln!(r, "error: {e}");
+            }
+            return Err(e);
+        }
+    };
+    match Daemon::start(Options { config, netns }) {
+        Ok(mut d) => {
+            if let Some(mut r) = ready {
+                let _ = writeln!(r, "ready");
+            }
+            let res = d.serve();
+            drop(d);
+            res.map_err(ClientError::from)
+        }
+        Err(e) => {
+            tracing::error!(%e, "start-up failed");
+            if let Some(mut r) = ready {
+                let _ = writeln!(r, "error: {e}");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Sends one request and reads one answer (and any fd that came with it).
+pub fn call(
+    instance: &str,
+    req: &Request,
+) -> Result<(Answer, Vec<std::os::fd::OwnedFd>), ClientError> {
+    let path = super::socket_path(instance);
+    let stream = UnixStream::connect(&path).map_err(|_| ClientError::NotRunning {
+        instance: instance.into(),
+        path: path.clone(),
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io("socket"))?;
+    let mut text = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    text.push('\n');
+    (&stream)
+        .write_all(text.as_bytes())
+        .map_err(io("send request"))?;
+    if matches!(req, Request::Link) {
+        let mut buf = vec![0u8; 4096];
+        let (n, fds) =
+            keepnet_ipc::fdpass::recv_fds(&stream, &mut buf).map_err(io("receive answer"))?;
+        let ans: Answer =
+            serde_json::from_slice(&buf[..n]).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        return Ok((ans, fds));
+    }
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(io("read answer"))?;
+    let ans: Answer = serde_json::from_str(line.trim())
+        .map_err(|e| ClientError::Protocol(format!("{e}: {line:?}")))?;
+    Ok((ans, Vec::new()))
+}
+
+/// `keepnet status`.
+pub fn status(config_path: Option<&Path>) -> Result<StatusReport, ClientError> {
+    let config = load_config(config_path)?;
+    match call(&config.instance, &Request::Status)?.0 {
+        Answer::Status(s) => Ok(s),
+        Answer::Error { message } => Err(ClientError::Remote(message)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// `keepnet down`: stops the instance and waits until its supervisor is gone.
+pub fn down(config_path: Option<&Path>) -> Result<(), ClientError> {
+    let config = load_config(config_path)?;
+    let state = read_state(&config.instance);
+    match call(&config.instance, &Request::Down) {
+        Ok((Answer::Ok { .. }, _)) => {}
+        Ok((Answer::Error { message }, _)) => return Err(ClientError::Remote(message)),
+        Ok((other, _)) => return Err(ClientError::Protocol(format!("{other:?}"))),
+        Err(e) => return Err(e),
+    }
+    if let Some(st) = state {
+        let end = Instant::now() + Duration::from_secs(10);
+        while pid_alive(st.supervisor_pid) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    println!("keepnet down: instance {} stopped", config.instance);
+    Ok(())
+}
+
+/// `keepnet capture`: mirrors frames at the driver into a pcap file.
+pub fn capture(config_path: Option<&Path>, out: &Path, seconds: f64) -> Result<u64, ClientError> {
+    let config = load_config(config_path)?;
+    let (ans, mut fds) = call(&config.instance, &Request::Link)?;
+    if let Answer::Error { message } = ans {
+        return Err(ClientError::Remote(message));
+    }
+    let fd = fds
+        .pop()
+        .ok_or_else(|| ClientError::Protocol("no link region came with the answer".into()))?;
+    let region = keepnet_ipc::Region::open(fd, keepnet_ipc::RegionKind::RINGS)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let link = keepnet_server::wiring::Link::open(region)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut ring = link.capture().and_then(|r| r.consumer()).map_err(|e| {
+        ClientError::Remote(format!("capture ring: {e} (another capture running?)"))
+    })?;
+    // Drop whatever an earlier capture left.
+    let mut scratch = vec![keepnet_server::wiring::CaptureRecord::default(); 64];
+    while ring.pop_batch(&mut scratch).unwrap_or(0) > 0 {}
+    let file = std::fs::File::create(out).map_err(io(format!("create {}", out.display())))?;
+    let mut writer = keepnet_driver::pcap::PcapWriter::new(std::io::BufWriter::new(file))
+        .map_err(io(format!("write {}", out.display())))?;
+    link.set_capture(true);
+    let end = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+    let mut frames = 0u64;
+    let mut last_report = Instant::now();
+    let result = loop {
+        let n = match ring.pop_batch(&mut scratch) {
+            Ok(n) => n,
+            Err(e) => break Err(ClientError::Protocol(e.to_string())),
+        };
+        if let Err(e) = scratch[..n].iter().try_for_each(|r| writer.write_record(r)) {
+            break Err(ClientError::Io {
+                what: format!("write {}", out.display()),
+                source: e,
+            });
+        }
+        frames += n as u64;
+        if n == 0 {
+            if Instant::now() >= end {
+                break Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            eprintln!("capture: {frames} frames");
+            last_report = Instant::now();
+        }
+    };
+    link.set_capture(false);
+    // Frames mirrored before the switch went off.
+    while let Ok(n) = ring.pop_batch(&mut scratch) {
+        if n == 0 {
+            break;
+        }
+        for r in &scratch[..n] {
+            let _ = writer.write_record(r);
+            frames += 1;
+        }
+    }
+    writer
+        .flush()
+        .map_err(io(format!("write {}", out.display())))?;
+    result.map(|()| frames)
+}

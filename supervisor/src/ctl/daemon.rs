@@ -1,0 +1,644 @@
+//! The supervisor daemon: owns the regions and the TAP device, starts and watches the servers,
+//! answers the control socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keepnet_ipc::SpinPolicy;
+use keepnet_server::runtime::{supervisor_ends, RequestError};
+use keepnet_server::wiring::Link;
+use keepnet_server::{
+    boot, request, Command as Cmd, ControlBlock, ControlMsg, RunOptions, ServerState,
+};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use tracing::{error, info, warn};
+
+use super::lab::{self, LabError};
+use super::protocol::{Answer, Request, StateFile};
+use super::status::{ServerStatus, StatusReport};
+use crate::config::{Config, Placement, SERVERS};
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Lab(#[from] LabError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared memory: {0}")]
+    Shm(String),
+    #[error("TAP device {tap}: {message}")]
+    Tap { tap: String, message: String },
+    #[error("server {name} did not become ready: {why} (log: {log})")]
+    NotReady {
+        name: String,
+        why: String,
+        log: PathBuf,
+    },
+    #[error("server binary for {name} not found at {path}: build it (cargo build --release) or set servers.{name}.binary in the config")]
+    NoBinary { name: String, path: PathBuf },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// What `up` asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: Config,
+    pub netns: Option<String>,
+}
+
+/// Default path of a server binary: `keepnet-NAME` beside the running `keepnet`.
+pub fn default_binary(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    dir.join(format!("keepnet-{name}"))
+}
+
+/// The binary `up` will start for server `name`, checked to exist.
+pub fn binary_for(config: &Config, name: &str) -> Result<PathBuf, DaemonError> {
+    let path = config
+        .server(name)
+        .binary
+        .clone()
+        .unwrap_or_else(|| default_binary(name));
+    if !path.is_file() {
+        return Err(DaemonError::NoBinary {
+            name: name.into(),
+            path,
+        });
+    }
+    Ok(path)
+}
+
+struct ServerProc {
+    name: &'static str,
+    binary: PathBuf,
+    control: ControlBlock,
+    commands: keepnet_ipc::Producer<ControlMsg>,
+    replies: keepnet_ipc::Consumer<ControlMsg>,
+    child: Option<Child>,
+    started: Instant,
+    restarts: u64,
+    opts: RunOptions,
+    env: Vec<(String, String)>,
+    seq: u32,
+}
+
+/// Everything the daemon owns. Dropping it stops the servers and removes what `up` made.
+pub struct Daemon {
+    opts: Options,
+    started: Instant,
+    link: Link,
+    tap: Option<OwnedFd>,
+    driver_bell: OwnedFd,
+    servers: Vec<ServerProc>,
+    created_netns: bool,
+    listener: Option<UnixListener>,
+    run_dir: PathBuf,
+}
+
+fn placement(config: &Config) -> Vec<RunOptions> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = SERVERS.len();
+    let dedicated = match config.placement.mode {
+        Placement::Dedicated => true,
+        Placement::Shared => false,
+        Placement::Auto => cores > n,
+    };
+    let park = Duration::from_millis(config.placement.park_timeout_ms.max(1));
+    let chosen: Vec<usize> = SERVERS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            config.server(name).core.unwrap_or(if dedicated {
+                (i + 1) % cores
+            } else {
+                i % cores
+            })
+        })
+        .collect();
+    chosen
+        .iter()
+        .map(|&core| {
+            let shared = chosen.iter().filter(|&&c| c == core).count() > 1;
+            let spin = if dedicated {
+                SpinPolicy::never_park()
+            } else if shared {
+                SpinPolicy::PARK_AT_ONCE
+            } else {
+                SpinPolicy::spin_for(Duration::from_micros(config.placement.spin_us))
+            };
+            RunOptions {
+                core: Some(core),
+                spin,
+                park_timeout: park,
+                standby: false,
+            }
+        })
+        .collect()
+}
+
+fn server_env(config: &Config, name: &str) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "KEEPNET_LOG".to_string(),
+        config
+            .server(name)
+            .log
+            .clone()
+            .unwrap_or_else(|| "info".into()),
+    )];
+    match name {
+        "driver" => env.push((
+            "KEEPNET_DRIVER_CONFIG".into(),
+            serde_json::json!({"backend": "tap"}).to_string(),
+        )),
+        _ => env.push((
+            "KEEPNET_IP_CONFIG".into(),
+            serde_json::json!({
+                "mac": config.ip.mac.to_string(),
+                "addr": config.ip.addr.to_string(),
+                "gateway": config.ip.gateway.map(|g| g.to_string()),
+                "mtu": config.link.mtu,
+            })
+            .to_string(),
+        )),
+    }
+    env
+}
+
+impl Daemon {
+    /// Creates the lab, the regions and the TAP, and starts every server. On error, whatever
+    /// was made is removed again (by Drop).
+    pub fn start(opts: Options) -> Result<Daemon, DaemonError> {
+        let config = opts.config.clone();
+        let run_dir = super::run_dir(&config.instance);
+        std::fs::create_dir_all(&run_dir).map_err(io(format!("create {}", run_dir.display())))?;
+        let binaries: Vec<PathBuf> = SERVERS
+            .iter()
+            .map(|n| binary_for(&config, n))
+            .collect::<Result<_, _>>()?;
+
+        let mut created_netns = false;
+        if let Some(ns) = &opts.netns {
+            created_netns = lab::netns_ensure(ns)?;
+            lab::enter_netns(ns)?;
+        }
+        let link = Link::create(&format!("{}-link", config.instance), config.link.frames)
+            .map_err(|e| DaemonError::Shm(e.to_string()))?;
+        let driver_bell = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+        let mut d = Daemon {
+            opts,
+            started: Instant::now(),
+            link,
+            tap: None,
+            driver_bell,
+            servers: Vec::new(),
+            created_netns,
+            listener: None,
+            run_dir,
+        };
+
+        // The TAP device: the daemon holds it, so a driver crash never takes it away.
+        let tap = &config.link.tap;
+        if lab::link_exists(tap) {
+            return Err(DaemonError::Tap {
+                tap: tap.clone(),
+                message: "a network device of that name already exists here (another keepnet instance? `keepnet down`, or set link.tap)".into(),
+            });
+        }
+        let t = keepnet_driver::tap::Tap::create(tap, config.link.mtu, None).map_err(|e| {
+            DaemonError::Tap {
+                tap: tap.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        // Keep a duplicate (same open file description): the device lives as long as it does.
+        d.tap = Some(t.fd().try_clone_to_owned().map_err(io("dup the TAP fd"))?);
+        drop(t);
+        lab::ip(&[
+            "addr",
+            "add",
+            &config.link.kernel_addr.to_string(),
+            "dev",
+            tap,
+        ])?;
+
+        let opts_per_server = placement(&config);
+        for ((name, binary), run) in SERVERS.iter().zip(binaries).zip(opts_per_server) {
+            let mut control =
+                ControlBlock::create(name, 1 << 20).map_err(|e| DaemonError::Shm(e.to_string()))?;
+            if *name == "driver" {
+                let efd = d.driver_bell.try_clone().map_err(io("dup eventfd"))?;
+                control = control.with_bell_eventfd(efd);
+            }
+            let (commands, replies) =
+                supervisor_ends(&control).map_err(|e| DaemonError::Shm(e.to_string()))?;
+            d.servers.push(ServerProc {
+                name,
+                binary,
+                control,
+                commands,
+                replies,
+                child: None,
+                started: Instant::now(),
+                restarts: 0,
+                opts: run,
+                env: server_env(&config, name),
+                seq: 0,
+            });
+        }
+        for i in 0..d.servers.len() {
+            d.spawn(i)?;
+            d.wait_ready(i, Duration::from_secs(15))?;
+        }
+
+        let sock = super::socket_path(&config.instance);
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).map_err(io(format!("bind {}", sock.display())))?;
+        listener.set_nonblocking(true).map_err(io("socket"))?;
+        d.listener = Some(listener);
+        d.write_state()?;
+        info!(instance = %config.instance, netns = ?d.opts.netns, "constellation up");
+        Ok(d)
+    }
+
+    fn log_file(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.log"))
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), DaemonError> {
+        let ip_region = self
+            .servers
+            .iter()
+            .find(|s| s.name == "ip")
+            .map(|s| s.control.region().clone());
+        let driver_region = self
+            .servers
+            .iter()
+            .find(|s| s.name == "driver")
+            .map(|s| s.control.region().clone());
+        let log = self.log_file(self.servers[i].name);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(format!("open {}", log.display())))?;
+        let err = out.try_clone().map_err(io("dup log"))?;
+        let s = &self.servers[i];
+        let mut cmd = Command::new(&s.binary);
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .envs(s.env.iter().map(|(k, v)| (k, v)));
+        let link = self.link.region().clone();
+        match s.name {
+            "driver" => {
+                let mut regions = vec![("link", &link)];
+                if let Some(r) = &ip_region {
+                    regions.push(("peer.ip", r));
+                }
+                let tap = self.tap.as_ref().map(|t| t.as_fd());
+                let mut fds = vec![("bell", self.driver_bell.as_fd())];
+                if let Some(t) = tap {
+                    fds.push(("tap", t));
+                }
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+            }
+            _ => {
+                let mut regions = vec![("link", &link)];
+                if let Some(r) = &driver_region {
+                    regions.push(("peer.driver", r));
+                }
+                let fds = [("bell.driver", self.driver_bell.as_fd())];
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("start {}", s.binary.display())))?;
+        info!(server = s.name, pid = child.id(), "started");
+        let s = &mut self.servers[i];
+        s.child = Some(child);
+        s.started = Instant::now();
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, i: usize, limit: Duration) -> Result<(), DaemonError> {
+        let end = Instant::now() + limit;
+        let log = self.log_file(self.servers[i].name);
+        let s = &mut self.servers[i];
+        let pid = s.child.as_ref().map_or(0, Child::id);
+        loop {
+            if s.control.state() == Some(ServerState::Running) && s.control.pid() == pid {
+                return Ok(());
+            }
+            if let Some(child) = s.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let last: Vec<&str> = tail.lines().rev().take(3).collect();
+                    return Err(DaemonError::NotReady {
+                        name: s.name.into(),
+                        why: format!(
+                            "exited with {status}: {}",
+                            last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                        ),
+                        log,
+                    });
+                }
+            }
+            if Instant::now() >= end {
+                return Err(DaemonError::NotReady {
+                    name: s.name.into(),
+                    why: format!("not running after {limit:?}"),
+                    log,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn write_state(&self) -> Result<(), DaemonError> {
+        let st = StateFile {
+            instance: self.opts.config.instance.clone(),
+            supervisor_pid: std::process::id(),
+            netns: self.opts.netns.clone(),
+            created_netns: self.created_netns,
+            tap: self.opts.config.link.tap.clone(),
+            servers: self
+                .servers
+                .iter()
+                .map(|s| (s.name.to_string(), s.child.as_ref().map_or(0, Child::id)))
+                .collect(),
+        };
+        let path = super::state_path(&self.opts.config.instance);
+        let text =
+            serde_json::to_string_pretty(&st).map_err(|e| DaemonError::Shm(e.to_string()))?;
+        std::fs::write(&path, text).map_err(io(format!("write {}", path.display())))
+    }
+
+    /// The status report.
+    pub fn status(&self) -> StatusReport {
+        StatusReport {
+            instance: self.opts.config.instance.clone(),
+            supervisor_pid: std::process::id(),
+            netns: self.opts.netns.clone(),
+            tap: self.opts.config.link.tap.clone(),
+            keepnet_addr: self.opts.config.ip.addr.to_string(),
+            kernel_addr: self.opts.config.link.kernel_addr.to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            servers: self.servers.iter().map(server_status).collect(),
+        }
+    }
+
+    /// Serves the control socket and watches the servers until `down` or a signal.
+    pub fn serve(&mut self) -> Result<(), DaemonError> {
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        mask.thread_block()
+            .map_err(|e| io("block signals")(e.into()))?;
+        let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(|e| io("signalfd")(e.into()))?;
+        loop {
+            let (signalled, connected) = {
+                use nix::poll::{PollFd, PollFlags, PollTimeout};
+                let mut pfds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+                if let Some(l) = &self.listener {
+                    pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+                }
+                let _ = nix::poll::poll(&mut pfds, PollTimeout::from(1000u16));
+                let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
+                (ready(&pfds[0]), pfds.get(1).is_some_and(ready))
+            };
+            if signalled {
+                while let Ok(Some(info)) = sfd.read_signal() {
+                    let sig = info.ssi_signo as i32;
+                    if sig == Signal::SIGCHLD as i32 {
+                        continue;
+                    }
+                    info!(signal = sig, "stopping on signal");
+                    return Ok(());
+                }
+            }
+            // Reap and restart servers that exited on their own.
+            for i in 0..self.servers.len() {
+                let exited = self.servers[i]
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if let Some(status) = exited {
+                    let s = &mut self.servers[i];
+                    warn!(server = s.name, %status, "server exited; restarting");
+                    let pid = s.child.take().map_or(0, |c| c.id());
+                    release_rings(&self.link, pid);
+                    s.restarts += 1;
+                    if let Err(e) = self.spawn(i) {
+                        error!(%e, "restart failed");
+                    } else {
+                        let _ = self.write_state();
+                    }
+                }
+            }
+            if connected {
+                let mut streams = Vec::new();
+                if let Some(l) = &self.listener {
+                    while let Ok((stream, _)) = l.accept() {
+                        streams.push(stream);
+                    }
+                }
+                for stream in streams {
+                    if self.handle(stream) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one connection; returns true if the daemon must stop.
+    fn handle(&mut self, stream: UnixStream) -> bool {
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&stream);
+        if reader.read_line(&mut line).is_err() {
+            return false;
+        }
+        let req: Request = match serde_json::from_str(line.trim()) {
+            Ok(r) => r,
+            Err(e) => {
+                send(
+                    &stream,
+                    &Answer::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                    None,
+                );
+                return false;
+            }
+        };
+        match req {
+            Request::Status => {
+                send(&stream, &Answer::Status(self.status()), None);
+                false
+            }
+            Request::Link => {
+                send(
+                    &stream,
+                    &Answer::Ok {
+                        message: "link region".into(),
+                    },
+                    Some(self.link.region().fd()),
+                );
+                false
+            }
+            Request::Down => {
+                self.shutdown();
+                send(
+                    &stream,
+                    &Answer::Ok {
+                        message: "down".into(),
+                    },
+                    None,
+                );
+                true
+            }
+        }
+    }
+
+    /// Stops every server (politely, then by force) and removes what `up` made.
+    pub fn shutdown(&mut self) {
+        for s in self.servers.iter_mut().rev() {
+            let Some(mut child) = s.child.take() else {
+                continue;
+            };
+            s.seq = s.seq.wrapping_add(1);
+            let polite = request(
+                &mut s.commands,
+                &mut s.replies,
+                s.seq,
+                Cmd::Stop,
+                Duration::from_secs(2),
+            );
+            if let Err(RequestError::Timeout(_)) | Err(RequestError::Full) = polite {
+                warn!(server = s.name, "no answer to stop; killing");
+            }
+            let end = Instant::now() + Duration::from_secs(2);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+            info!(server = s.name, "stopped");
+        }
+        // Closing the TAP fd removes the (non-persistent) device and its address.
+        self.tap = None;
+        if self.created_netns {
+            if let Some(ns) = &self.opts.netns {
+                if let Err(e) = lab::netns_delete(ns) {
+                    warn!(%e, "could not delete namespace");
+                }
+            }
+            self.created_netns = false;
+        }
+        let _ = std::fs::remove_file(super::socket_path(&self.opts.config.instance));
+        let _ = std::fs::remove_file(super::state_path(&self.opts.config.instance));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Frees ring sides a dead server held, so its successor can claim them at once.
+fn release_rings(link: &Link, pid: u32) {
+    for ring in [link.rx(), link.tx(), link.rx_return(), link.tx_return()]
+        .into_iter()
+        .flatten()
+    {
+        ring.release_claims_of(pid);
+    }
+    if let Ok(r) = link.capture() {
+        r.release_claims_of(pid);
+    }
+}
+
+fn server_status(s: &ServerProc) -> ServerStatus {
+    let c = &s.control;
+    let mut drops = std::collections::BTreeMap::new();
+    let mut counters = std::collections::BTreeMap::new();
+    for (k, v) in c.counters() {
+        match k.strip_prefix("drop.") {
+            Some(reason) => {
+                drops.insert(reason.to_string(), v);
+            }
+            None => {
+                counters.insert(k, v);
+            }
+        }
+    }
+    let alive = s.child.is_some();
+    ServerStatus {
+        name: s.name.into(),
+        pid: if alive { c.pid() } else { 0 },
+        core: c.core(),
+        state: if alive {
+            c.state().map_or("invalid", |st| st.as_str()).to_string()
+        } else {
+            "down".into()
+        },
+        generation: c.generation().get(),
+        restarts: s.restarts,
+        version: c.version(),
+        uptime_s: s.started.elapsed().as_secs_f64(),
+        heartbeat: c.heartbeat(),
+        packets_in: counters.get("rx.frames").copied().unwrap_or(0),
+        packets_out: counters.get("tx.frames").copied().unwrap_or(0),
+        drops,
+        counters,
+    }
+}
+
+fn send(stream: &UnixStream, answer: &Answer, fd: Option<std::os::fd::BorrowedFd<'_>>) {
+    let mut text = serde_json::to_string(answer)
+        .unwrap_or_else(|e| format!("{{\"result\":\"error\",\"message\":\"{e}\"}}"));
+    text.push('\n');
+    let r = match fd {
+        Some(fd) => keepnet_ipc::fdpass::send_fds(stream, text.as_bytes(), &[fd]),
+        None => (&*stream).write_all(text.as_bytes()),
+    };
+    if let Err(e) = r {
+        warn!(%e, "could not answer a control request");
+    }
+}

@@ -1,0 +1,90 @@
+//! `keepnet demo`: the main job with no setup. A private namespace, keepnet up inside it,
+//! traffic from the Linux kernel on the other side of the TAP, a report, and teardown on every
+//! exit path.
+
+use super::client::{self, ClientError};
+use super::instance::Instance;
+use super::lab;
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+/// Runs the demo; returns Err if any step failed (after tearing down).
+pub fn run() -> Result<(), ClientError> {
+    step("keepnet up --netns kn-demo-PID");
+    let inst = Instance::up("demo")?;
+    let (netns, path, config) = (
+        inst.netns.clone(),
+        inst.config_path().to_path_buf(),
+        inst.config.clone(),
+    );
+    println!("namespace {netns}, instance {}", config.instance);
+
+    let target = config.ip.addr.addr.to_string();
+    step(&format!(
+        "ping from the Linux kernel side ({}) to keepnet ({target})",
+        config.link.kernel_addr
+    ));
+    let (ok, out, err) = lab::netns_exec(
+        &netns,
+        &["ping", "-c", "5", "-i", "0.2", "-W", "2", &target],
+    )
+    .map_err(|source| ClientError::Io {
+        what: "run ping (package iputils-ping)".into(),
+        source,
+    })?;
+    print!("{out}");
+    if !err.is_empty() {
+        eprint!("{err}");
+    }
+    step(&format!(
+        "large ping, fragmented both ways: ping -s 8000 {target}"
+    ));
+    let (ok_big, out_big, _) = lab::netns_exec(
+        &netns,
+        &[
+            "ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", "8000", &target,
+        ],
+    )
+    .map_err(|source| ClientError::Io {
+        what: "run ping".into(),
+        source,
+    })?;
+    print!("{out_big}");
+
+    step("the kernel's neighbour table: keepnet's MAC");
+    if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {
+        print!("{neigh}");
+    }
+
+    step("keepnet status");
+    let report = client::status(Some(&path))?;
+    print!("{}", report.render());
+
+    step("keepnet down");
+    let gone = inst.down()?;
+    println!("namespace {netns} removed: {gone}");
+
+    step("report");
+    println!(
+        "ping (56 bytes): {}",
+        if ok { "all replies" } else { "LOST REPLIES" }
+    );
+    println!(
+        "ping (8000 bytes, fragmented): {}",
+        if ok_big {
+            "all replies"
+        } else {
+            "LOST REPLIES"
+        }
+    );
+    if ok && ok_big && gone {
+        println!("demo: OK");
+        Ok(())
+    } else {
+        Err(ClientError::Remote(
+            "demo: some step failed (see above)".into(),
+        ))
+    }
+}

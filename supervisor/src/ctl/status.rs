@@ -1,0 +1,96 @@
+//! What `keepnet status` shows.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole report (`keepnet status --json` prints exactly this).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub instance: String,
+    pub supervisor_pid: u32,
+    pub netns: Option<String>,
+    pub tap: String,
+    pub keepnet_addr: String,
+    pub kernel_addr: String,
+    pub uptime_s: f64,
+    pub servers: Vec<ServerStatus>,
+}
+
+/// One server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub pid: u32,
+    pub core: Option<usize>,
+    pub state: String,
+    pub generation: u64,
+    pub restarts: u64,
+    pub version: String,
+    pub uptime_s: f64,
+    pub heartbeat: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    /// Drops by reason (`drop.` counters without the prefix).
+    pub drops: BTreeMap<String, u64>,
+    /// Every other counter.
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl StatusReport {
+    /// The human table.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "instance {}  supervisor pid {}  netns {}  up {:.1}s\nlink {}: keepnet {}  kernel {}\n\n",
+            self.instance,
+            self.supervisor_pid,
+            self.netns.as_deref().unwrap_or("(host)"),
+            self.uptime_s,
+            self.tap,
+            self.keepnet_addr,
+            self.kernel_addr
+        );
+        s.push_str(&format!(
+            "{:<7} {:>7} {:>4} {:<9} {:>4} {:>8} {:<8} {:>9} {:>10} {:>10} {:>7}\n",
+            "server",
+            "pid",
+            "core",
+            "state",
+            "gen",
+            "restarts",
+            "version",
+            "uptime",
+            "pkts in",
+            "pkts out",
+            "drops"
+        ));
+        for v in &self.servers {
+            s.push_str(&format!(
+                "{:<7} {:>7} {:>4} {:<9} {:>4} {:>8} {:<8} {:>8.1}s {:>10} {:>10} {:>7}\n",
+                v.name,
+                v.pid,
+                v.core.map_or("-".to_string(), |c| c.to_string()),
+                v.state,
+                v.generation,
+                v.restarts,
+                v.version,
+                v.uptime_s,
+                v.packets_in,
+                v.packets_out,
+                v.drops.values().sum::<u64>()
+            ));
+        }
+        for v in &self.servers {
+            let nonzero: Vec<String> = v
+                .drops
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            if !nonzero.is_empty() {
+                s.push_str(&format!("{} drops: {}\n", v.name, nonzero.join(" ")));
+            }
+        }
+        s
+    }
+}

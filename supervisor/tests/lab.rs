@@ -337,3 +337,175 @@ fn up_fails_fast_with_a_clear_message() {
     // The failed instance left the namespace it did not create alone.
     assert_eq!(ping(&first, &["-c", "3", "-i", "0.2"]), (3, 3));
 }
+
+/// Internet checksum (RFC 1071).
+fn csum(b: &[u8]) -> u16 {
+    let mut s: u32 = 0;
+    for c in b.chunks(2) {
+        s += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// An Ethernet frame to keepnet from `src_mac` carrying an IPv4 packet.
+fn ipv4_frame(
+    src_mac: [u8; 6],
+    ihl_words: u8,
+    total_len: Option<u16>,
+    frag: u16,
+    id: u16,
+    payload: &[u8],
+    good_sum: bool,
+) -> Vec<u8> {
+    let mut f = vec![0x02, 0x6b, 0x6e, 0x00, 0x00, 0x02];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let hl = 20usize;
+    let tl = total_len.unwrap_or((hl + payload.len()) as u16);
+    let mut h = vec![
+        0x40 | ihl_words,
+        0,
+        (tl >> 8) as u8,
+        tl as u8,
+        (id >> 8) as u8,
+        id as u8,
+        (frag >> 8) as u8,
+        frag as u8,
+        64,
+        1,
+        0,
+        0,
+        198,
+        18,
+        0,
+        1,
+        198,
+        18,
+        0,
+        2,
+    ];
+    let s = csum(&h);
+    let s = if good_sum { s } else { s ^ 0x5a5a };
+    h[10] = (s >> 8) as u8;
+    h[11] = s as u8;
+    f.extend_from_slice(&h);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn bad_frames_are_counted_and_change_nothing() {
+    if !root_or_skip("bad_frames_are_counted_and_change_nothing") {
+        return;
+    }
+    let mut lab = Lab::new("bad", "");
+    lab.up();
+    assert_eq!(ping(&lab, &["-c", "2", "-i", "0.2"]), (2, 2));
+    let mac_out = lab.exec(&["cat", "/sys/class/net/kn0/address"]);
+    let mac_text = String::from_utf8_lossy(&mac_out.stdout);
+    let mut src = [0u8; 6];
+    for (d, p) in src.iter_mut().zip(mac_text.trim().split(':')) {
+        *d = u8::from_str_radix(p, 16).unwrap_or(0);
+    }
+    let icmp = {
+        let mut m = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        m.extend_from_slice(&[0xab; 32]);
+        let s = csum(&m);
+        m[2] = (s >> 8) as u8;
+        m[3] = s as u8;
+        m
+    };
+    let mut frames: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "ipv4_short",
+            ipv4_frame(src, 5, None, 0, 1, &[], true)[..14 + 10].to_vec(),
+        ),
+        (
+            "ipv4_checksum",
+            ipv4_frame(src, 5, None, 0, 2, &icmp, false),
+        ),
+        ("ipv4_ihl", ipv4_frame(src, 4, None, 0, 3, &icmp, true)),
+        (
+            "ipv4_total_len",
+            ipv4_frame(src, 5, Some(1400), 0, 4, &icmp, true),
+        ),
+    ];
+    // Overlapping fragments: 0..16 then 8..24 of the same datagram.
+    frames.push((
+        "frag_overlap",
+        ipv4_frame(src, 5, None, 0x2000, 77, &icmp[..16], true),
+    ));
+    frames.push((
+        "frag_overlap",
+        ipv4_frame(src, 5, None, 0x2001, 77, &icmp[..16], true),
+    ));
+    // Endless fragments: many first fragments, never completed.
+    for id in 0..200u16 {
+        frames.push((
+            "frag_endless",
+            ipv4_frame(src, 5, None, 0x2000, 1000 + id, &icmp[..16], true),
+        ));
+    }
+    // ARP with a bogus hardware length.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&src);
+    arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 7, 4, 0, 1]);
+    arp.extend_from_slice(&[0u8; 28]);
+    frames.push(("arp_malformed", arp));
+
+    let script = format!(
+        "import socket,binascii\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('kn0',0))\nfor h in {:?}:\n    s.send(binascii.unhexlify(h))\n",
+        frames.iter().map(|(_, f)| hex(f)).collect::<Vec<_>>()
+    );
+    let out = lab.exec(&["python3", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "raw send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let st = lab.status();
+    for reason in [
+        "ipv4_short",
+        "ipv4_checksum",
+        "ipv4_ihl",
+        "ipv4_total_len",
+        "frag_overlap",
+        "arp_malformed",
+    ] {
+        let n = server(&st, "ip")["drops"][reason].as_u64().unwrap_or(0);
+        assert!(
+            n >= 1,
+            "no drop counted for {reason}: {}",
+            server(&st, "ip")["drops"]
+        );
+    }
+    let d = &server(&st, "ip")["drops"];
+    let endless = d["frag_limit"].as_u64().unwrap_or(0) + d["frag_evicted"].as_u64().unwrap_or(0);
+    assert!(endless >= 1, "endless fragments hit no limit: {d}");
+    for name in ["driver", "ip"] {
+        assert_eq!(
+            server(&st, name)["restarts"].as_u64(),
+            Some(0),
+            "{name} restarted"
+        );
+        assert_eq!(
+            server(&st, name)["generation"].as_u64(),
+            Some(1),
+            "{name} generation"
+        );
+    }
+    assert_eq!(
+        ping(&lab, &["-c", "3", "-i", "0.2"]),
+        (3, 3),
+        "ping right after the bad frames"
+    );
+}

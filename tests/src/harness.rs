@@ -3,7 +3,6 @@
 //! serialises heavy tests across test threads and test processes, and a seeded RNG.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -320,9 +319,4 @@ pub fn seed(test: &str) -> u64 {
     };
     println!("{test}: seed {s} (replay with KEEPNET_TEST_SEED={s})");
     s
-}
-
-/// A region fd's number as text (for peers that get it on the command line).
-pub fn fd_arg(region: &Region) -> String {
-    std::os::fd::AsRawFd::as_raw_fd(&region.fd().as_fd()).to_string()
 }

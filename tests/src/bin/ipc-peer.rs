@@ -6,7 +6,8 @@
 //! at its own deadline, so no peer outlives its test.
 //!
 //! Exit codes: 0 done, 2 a check failed (details on stderr and in the control block),
-//! 3 a doorbell wait timed out (a lost wake-up), 64 bad command line.
+//! 3 a doorbell wait timed out or only ended when its futex wait ran out (a lost wake-up),
+//! 64 bad command line.
 #![deny(unsafe_code)]
 
 use std::io::{Read, Write};

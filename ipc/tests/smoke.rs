@@ -96,3 +96,38 @@ fn eventfd_doorbell_wakes_on_bell_and_on_fd() {
     );
     assert_eq!(o, WaitOutcome::TimedOut);
 }
+
+#[test]
+fn yield_policy_yields_then_parks() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let mut l = RegionLayout::new();
+    let off = l.place(Doorbell::SIZE, Doorbell::ALIGN);
+    let r = Region::create("yield", RegionKind::TEST, l.size()).unwrap();
+    let bell = Doorbell::init(&r, off).unwrap();
+    let policy = SpinPolicy::yield_then_park(Duration::from_millis(2));
+    for (delay_ms, expect_park) in [(0u64, false), (50, true)] {
+        let flag = Arc::new(AtomicBool::new(false));
+        let (f, b) = (flag.clone(), Doorbell::attach(&r, off).unwrap());
+        let parks_before = bell.parks();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            f.store(true, Ordering::Release);
+            b.ring();
+        });
+        let o = bell.wait(policy, Some(Duration::from_secs(10)), || {
+            flag.load(Ordering::Acquire)
+        });
+        t.join().unwrap();
+        assert_ne!(o, WaitOutcome::TimedOut);
+        if expect_park {
+            assert!(
+                bell.parks() > parks_before,
+                "a late producer must find the consumer parked"
+            );
+            assert_eq!(o, WaitOutcome::Woken);
+        }
+    }
+}

@@ -139,7 +139,8 @@ fn placement(config: &Config) -> Vec<RunOptions> {
             let spin = if dedicated {
                 SpinPolicy::never_park()
             } else if shared {
-                SpinPolicy::PARK_AT_ONCE
+                // Sharing a core with another server: never spin, yield briefly, then park.
+                SpinPolicy::yield_then_park(Duration::from_micros(config.placement.spin_us))
             } else {
                 SpinPolicy::spin_for(Duration::from_micros(config.placement.spin_us))
             };

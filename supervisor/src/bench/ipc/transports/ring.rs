@@ -84,7 +84,7 @@ fn layout() -> Layout {
 fn policy(p: Placement) -> SpinPolicy {
     match p {
         Placement::Pinned => SpinPolicy::never_park(),
-        Placement::SharedCore => SpinPolicy::PARK_AT_ONCE,
+        Placement::SharedCore => SpinPolicy::yield_then_park(std::time::Duration::from_micros(50)),
     }
 }
 

@@ -22,11 +22,9 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::BenchPeer(args) => bench::ipc::peer::run_peer(args),
         Command::Up(a) => {
-            return done(ctl::client::up(
-                a.config.config.as_deref(),
-                a.netns,
-                a.foreground,
-            ))
+            return done(
+                ctl::client::up(a.config.config.as_deref(), a.netns, a.foreground).map(say),
+            )
         }
         Command::Status(a) => {
             return done(ctl::client::status(a.config.config.as_deref()).map(|r| {
@@ -40,7 +38,7 @@ fn main() -> ExitCode {
                 let _ = std::io::stdout().write_all(text.as_bytes());
             }));
         }
-        Command::Down(a) => return done(ctl::client::down(a.config.as_deref())),
+        Command::Down(a) => return done(ctl::client::down(a.config.as_deref()).map(say)),
         Command::Capture(a) => {
             let out = a.out.clone();
             return done(
@@ -59,6 +57,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a command's result line.
+fn say(line: String) {
+    println!("{line}");
 }
 
 /// Exit status of a constellation command; its error messages are complete sentences.

@@ -93,7 +93,7 @@ pub fn up(
     config_path: Option<&Path>,
     netns: Option<String>,
     foreground: bool,
-) -> Result<(), ClientError> {
+) -> Result<String, ClientError> {
     let config = load_config(config_path)?;
     preflight(&config)?;
     if foreground {
@@ -104,7 +104,9 @@ pub fn up(
         );
         let r = d.serve();
         drop(d);
-        return r.map_err(ClientError::from);
+        return r
+            .map(|()| "keepnet: stopped".to_string())
+            .map_err(ClientError::from);
     }
     let dir = super::run_dir(&config.instance);
     std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
@@ -155,7 +157,7 @@ pub fn up(
     };
     let msg = msg.trim();
     if msg == "ready" {
-        println!(
+        return Ok(format!(
             "keepnet up: instance {} ready ({}), keepnet at {}, kernel side {} on {}{}",
             config.instance,
             SERVERS.join(", "),
@@ -163,8 +165,7 @@ pub fn up(
             config.link.kernel_addr,
             config.link.tap,
             netns.map(|n| format!(" in netns {n}")).unwrap_or_default()
-        );
-        return Ok(());
+        ));
     }
     let _ = child.wait();
     let why = msg.strip_prefix("error: ").unwrap_or(msg);
@@ -258,8 +259,9 @@ pub fn status(config_path: Option<&Path>) -> Result<StatusReport, ClientError> {
     }
 }
 
-/// `keepnet down`: stops the instance and waits until its supervisor is gone.
-pub fn down(config_path: Option<&Path>) -> Result<(), ClientError> {
+/// `keepnet down`: stops the instance and waits until its supervisor is gone. Returns the
+/// line to show the user.
+pub fn down(config_path: Option<&Path>) -> Result<String, ClientError> {
     let config = load_config(config_path)?;
     let state = read_state(&config.instance);
     match call(&config.instance, &Request::Down) {
@@ -274,8 +276,10 @@ pub fn down(config_path: Option<&Path>) -> Result<(), ClientError> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    println!("keepnet down: instance {} stopped", config.instance);
-    Ok(())
+    Ok(format!(
+        "keepnet down: instance {} stopped",
+        config.instance
+    ))
 }
 
 /// `keepnet capture`: mirrors frames at the driver into a pcap file.

@@ -108,24 +108,37 @@ struct State {
     sum: u64,
 }
 
-#[test]
-fn relay_server_lifecycle() {
-    watchdog(Duration::from_secs(120));
-    let control = ControlBlock::create("relay", 4096).unwrap();
+/// The relay's rings (input with the server's doorbell, output), laid out as kn-relay expects.
+fn relay_rig(
+    control: &ControlBlock,
+    name: &str,
+) -> (
+    Region,
+    keepnet_ipc::Producer<u64>,
+    keepnet_ipc::Consumer<u64>,
+) {
     let mut l = RegionLayout::new();
     let in_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
     let out_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
     assert_eq!(in_off, IN_OFF);
-    let rings = Region::create("relay-rings", RegionKind::RINGS, l.size()).unwrap();
+    let rings = Region::create(name, RegionKind::RINGS, l.size()).unwrap();
     let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1)
         .unwrap()
         .producer()
         .unwrap();
     input.set_doorbell(control.doorbell().clone());
-    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2)
+    let output = Ring::<u64>::init(&rings, out_off, CAP, 2)
         .unwrap()
         .consumer()
         .unwrap();
+    (rings, input, output)
+}
+
+#[test]
+fn relay_server_lifecycle() {
+    watchdog(Duration::from_secs(120));
+    let control = ControlBlock::create("relay", 4096).unwrap();
+    let (rings, mut input, mut output) = relay_rig(&control, "relay-rings");
     let (mut cmds, mut replies) = supervisor_ends(&control).unwrap();
 
     let mut flow = Flow::default();
@@ -266,19 +279,7 @@ fn relay_server_lifecycle() {
 fn killed_server_is_replaced_without_loss() {
     watchdog(Duration::from_secs(120));
     let control = ControlBlock::create("relay-kill", 4096).unwrap();
-    let mut l = RegionLayout::new();
-    let in_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
-    let out_off = l.place(Ring::<u64>::size_in_region(CAP), Ring::<u64>::ALIGN);
-    let rings = Region::create("relay-kill-rings", RegionKind::RINGS, l.size()).unwrap();
-    let mut input = Ring::<u64>::init(&rings, in_off, CAP, 1)
-        .unwrap()
-        .producer()
-        .unwrap();
-    input.set_doorbell(control.doorbell().clone());
-    let mut output = Ring::<u64>::init(&rings, out_off, CAP, 2)
-        .unwrap()
-        .consumer()
-        .unwrap();
+    let (rings, mut input, mut output) = relay_rig(&control, "relay-kill-rings");
 
     let total = 300_000u64;
     let (mut next_in, mut next_out) = (0u64, 0u64);

@@ -25,6 +25,19 @@ impl HandOff {
         Self::default()
     }
 
+    /// A hand-off of one region under the name `region`.
+    pub fn with_region(region: &keepnet_ipc::Region) -> Result<HandOff> {
+        let mut h = HandOff::new();
+        h.add(
+            "region",
+            region
+                .fd()
+                .try_clone_to_owned()
+                .context("duplicating the region fd")?,
+        );
+        Ok(h)
+    }
+
     /// Adds an fd under `name` (lowercase letters, digits and `_`).
     pub fn add(&mut self, name: &'static str, fd: impl Into<OwnedFd>) -> &mut Self {
         self.fds.push((name, fd.into()));

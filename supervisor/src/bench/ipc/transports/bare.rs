@@ -265,15 +265,7 @@ pub fn parent(ctx: &ParentCtx) -> Result<Figures> {
         seen: 0,
         oneway: None,
     };
-    let mut handoff = HandOff::new();
-    handoff.add(
-        "region",
-        region
-            .fd()
-            .try_clone_to_owned()
-            .context("duplicating the region fd")?,
-    );
-    let peer = ctx.spawn(handoff, Vec::new())?;
+    let peer = ctx.spawn(HandOff::with_region(&region)?, Vec::new())?;
     ctx.measure(&mut tx, &mut rx, peer)
 }
 

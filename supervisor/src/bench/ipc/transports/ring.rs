@@ -250,15 +250,7 @@ pub fn parent(ctx: &ParentCtx) -> Result<Figures> {
         limit: WaitLimit::new(),
         scratch: [[0; 8]; BATCH],
     };
-    let mut handoff = HandOff::new();
-    handoff.add(
-        "region",
-        region
-            .fd()
-            .try_clone_to_owned()
-            .context("duplicating the region fd")?,
-    );
-    let peer = ctx.spawn(handoff, Vec::new())?;
+    let peer = ctx.spawn(HandOff::with_region(&region)?, Vec::new())?;
     ctx.measure(&mut tx, &mut rx, peer)
 }
 

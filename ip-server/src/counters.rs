@@ -58,6 +58,8 @@ counters! {
     IcmpEchoRepliesIn => "icmp.echo_replies_in", false;
     IcmpEchoRequestsSent => "icmp.echo_requests_sent", false;
     IcmpErrorsIn => "icmp.errors_in", false;
+    IcmpErrorsToTransport => "icmp.errors_to_transport", false;
+    IcmpErrorsUnmatched => "icmp.errors_unmatched", false;
     IcmpErrorsSent => "icmp.errors_sent", false;
     IcmpEventsLost => "icmp.events_lost", false;
     DropEthShort => "drop.eth_short", true;
@@ -142,12 +144,12 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Ctr::ALL.len(), "unique");
-        // The server registers 4 of its own (drop.desc_bad, drop.tx_no_buffer,
-        // drop.tx_ring_full, drop.frame_too_big).
+        // The server registers its own too (drop.desc_bad, drop.tx_no_buffer, transport.*...).
+        let server = crate::server::SERVER_COUNTERS;
         assert!(
-            Ctr::ALL.len() + 4 <= COUNTERS,
+            Ctr::ALL.len() + server <= COUNTERS,
             "{} counters",
-            Ctr::ALL.len() + 4
+            Ctr::ALL.len() + server
         );
         for (i, c) in Ctr::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);

@@ -71,10 +71,45 @@ pub struct Datagram<'a> {
     pub broadcast: bool,
 }
 
-/// A transport protocol attached to the engine (later: UDP and TCP servers over rings).
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) about a
+/// datagram we sent, as handed to the transport of the quoted datagram's protocol.
+#[derive(Clone, Copy, Debug)]
+pub struct IcmpError<'a> {
+    /// The host or router that sent the error.
+    pub from: Ipv4Addr,
+    /// Where the error was sent (our address).
+    pub to: Ipv4Addr,
+    /// TTL of the datagram that carried the error.
+    pub ttl: u8,
+    /// ICMP type.
+    pub icmp_type: u8,
+    /// ICMP code.
+    pub icmp_code: u8,
+    /// Bytes 4..8 of the ICMP header (unused, a pointer, or a next-hop MTU).
+    pub rest: [u8; 4],
+    /// Protocol of the quoted datagram.
+    pub protocol: u8,
+    /// Source of the quoted datagram (always our address).
+    pub src: Ipv4Addr,
+    /// Destination of the quoted datagram.
+    pub dst: Ipv4Addr,
+    /// The quoted IP header (options included) and the bytes of the original payload that
+    /// follow (at least 8: the transport header's ports).
+    pub quote: &'a [u8],
+    /// Length of the quoted IP header within `quote`.
+    pub quote_header_len: usize,
+}
+
+/// A transport protocol attached to the engine (the UDP and TCP servers, over rings).
 pub trait Transport {
     /// Takes a datagram for this transport's protocol number.
     fn deliver(&mut self, now: Duration, datagram: &Datagram<'_>);
+
+    /// Takes an ICMP error about a datagram of this transport's protocol that we sent.
+    /// The default ignores it.
+    fn icmp_error(&mut self, now: Duration, error: &IcmpError<'_>) {
+        let _ = (now, error);
+    }
 }
 
 /// Private state worth handing to a successor at live update (the rest is rebuilt).
@@ -478,16 +513,75 @@ impl IpStack {
                 Disposition::Handled
             }
             icmp_type::DEST_UNREACHABLE
-            | icmp_type::SOURCE_QUENCH
-            | icmp_type::REDIRECT
             | icmp_type::TIME_EXCEEDED
             | icmp_type::PARAMETER_PROBLEM => {
-                // Counted; handed to transports once they are attached over rings.
+                self.counters.inc(Ctr::IcmpErrorsIn);
+                self.icmp_error_to_transport(now, d, &m);
+                Disposition::Handled
+            }
+            // Source quench is deprecated (RFC 6633) and redirects are for routers we do not
+            // follow: counted only.
+            icmp_type::SOURCE_QUENCH | icmp_type::REDIRECT => {
                 self.counters.inc(Ctr::IcmpErrorsIn);
                 Disposition::Handled
             }
             _ => Disposition::Dropped(Ctr::DropIcmpType),
         }
+    }
+
+    /// Hands an ICMP error to the transport of the quoted datagram's protocol (RFC 1122
+    /// 3.2.2.1, 4.1.3.3, 4.2.3.9), if one is attached and the quote is about a datagram we
+    /// sent: a well-formed IPv4 header from our address, an initial fragment (else the
+    /// quoted bytes are no transport header), and at least 8 bytes of payload after it. When
+    /// a transport is attached for the quoted protocol byte but the quote fails these checks,
+    /// the error is counted in `icmp.errors_unmatched`; with no transport attached it is only
+    /// counted (`icmp.errors_in`).
+    fn icmp_error_to_transport<T: AsRef<[u8]>>(
+        &mut self,
+        now: Duration,
+        d: &Datagram<'_>,
+        m: &IcmpPacket<T>,
+    ) {
+        let quote = m.data();
+        let vihl = quote.first().copied().unwrap_or(0);
+        let hlen = usize::from(vihl & 0x0f) * 4;
+        let protocol = quote.get(9).copied().unwrap_or(0);
+        let Some(t) = self.transports.get_mut(&protocol) else {
+            return;
+        };
+        let src = Ipv4Addr::from(be32(quote, 12));
+        let frag_off = crate::wire::be16(quote, 6) & 0x1fff;
+        // A quote may carry more than the original datagram (padding, RFC 4884 extensions):
+        // keep at most its total length, but never less than header + 8.
+        let total = usize::from(crate::wire::be16(quote, 2));
+        let ok = vihl >> 4 == 4
+            && hlen >= IPV4_HEADER
+            && quote.len() >= hlen + 8
+            && total >= hlen + 8
+            && frag_off == 0
+            && src == self.cfg.addr
+            && !d.broadcast;
+        if !ok {
+            self.counters.inc(Ctr::IcmpErrorsUnmatched);
+            return;
+        }
+        let quote = quote.get(..total.min(quote.len())).unwrap_or(quote);
+        let rest = [m.echo_ident().to_be_bytes(), m.echo_seq().to_be_bytes()];
+        let e = IcmpError {
+            from: d.src,
+            to: d.dst,
+            ttl: d.ttl,
+            icmp_type: m.msg_type(),
+            icmp_code: m.code(),
+            rest: [rest[0][0], rest[0][1], rest[1][0], rest[1][1]],
+            protocol,
+            src,
+            dst: Ipv4Addr::from(be32(quote, 16)),
+            quote,
+            quote_header_len: hlen,
+        };
+        t.icmp_error(now, &e);
+        self.counters.inc(Ctr::IcmpErrorsToTransport);
     }
 
     /// Sends an ICMP error about `d` (RFC 792; RFC 1122 3.2.2: never about an ICMP error, a

@@ -3,19 +3,28 @@
 //! the driver (it drives the driver's ends of the link and follows the buffer rules). It then
 //! kills the server with SIGKILL in the middle of traffic, starts a fresh one, and checks that
 //! every buffer comes home.
+//!
+//! The transport tests also play the udp server on a `TransportLink` (region
+//! `transport.udp`, with the udp server's control block as `peer.udp`).
 
 mod common;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
 use keepnet_ip::wire::{ArpPacket, EthernetFrame};
-use keepnet_ip::{Config, Disposition, Event, IpStack, Mac};
-use keepnet_ipc::{Descriptor, EndpointId, FreeList, Retakes, SpinPolicy, WaitOutcome};
-use keepnet_server::wiring::{DriverEnds, Link, DRIVER, HEADROOM, IP, RX_POOL, TX_POOL};
+use keepnet_ip::{Config, Datagram, Disposition, Event, IpStack, Mac, Transport};
+use keepnet_ipc::{Descriptor, EndpointId, FreeList, Region, Retakes, SpinPolicy, WaitOutcome};
+use keepnet_server::wiring::{
+    DatagramSlot, DriverEnds, Link, TransportEnds, TransportLink, DATAGRAM_HEADROOM, DRIVER,
+    HEADROOM, IP, RX_POOL, TX_POOL, UDP,
+};
 use keepnet_server::{boot, ControlBlock, RunOptions, ServerState};
 
 const FRAMES: u32 = 128;
@@ -77,6 +86,16 @@ fn spawn(control: &ControlBlock, link: &Link, peer: &ControlBlock) -> Proc {
 }
 
 fn spawn_with(control: &ControlBlock, link: &Link, peer: Option<&ControlBlock>) -> Proc {
+    spawn_full(control, link, peer, &[])
+}
+
+/// Spawns keepnet-ip with the link, the driver's control block if given, and `extra` regions.
+fn spawn_full(
+    control: &ControlBlock,
+    link: &Link,
+    peer: Option<&ControlBlock>,
+    extra: &[(&str, &Region)],
+) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keepnet-ip"));
     cmd.stdin(Stdio::null())
         .env(
@@ -94,6 +113,7 @@ fn spawn_with(control: &ControlBlock, link: &Link, peer: Option<&ControlBlock>) 
     if let Some(p) = peer {
         regions.push(("peer.driver", p.region()));
     }
+    regions.extend_from_slice(extra);
     boot::prepare(&mut cmd, control, &regions, &opts);
     let child = cmd.spawn().expect("spawn keepnet-ip");
     CHILDREN.lock().unwrap().push(child.id() as i32);
@@ -184,7 +204,15 @@ impl Driver {
     /// Pumps, answering ARP requests for the peer as the peer host would (a restarted server
     /// has an empty ARP cache); returns the echo replies that came out.
     fn pump_as_peer(&mut self) -> Vec<Vec<u8>> {
-        let mut echo = Vec::new();
+        self.pump_ip()
+            .into_iter()
+            .filter(|f| f.len() > 34 && f[23] == 1 && f[34] == 0)
+            .collect()
+    }
+
+    /// Pumps, answering ARP requests for the peer; returns the IPv4 frames that came out.
+    fn pump_ip(&mut self) -> Vec<Vec<u8>> {
+        let mut ip = Vec::new();
         for f in self.pump() {
             let Ok(e) = EthernetFrame::new_checked(&f[..]) else {
                 continue;
@@ -197,11 +225,25 @@ impl Driver {
                         self.collect();
                     }
                 }
-            } else if f.len() > 34 && f[34] == 0 {
-                echo.push(f);
+            } else if e.ethertype() == 0x0800 {
+                ip.push(f);
             }
         }
-        echo
+        ip
+    }
+
+    /// Pumps (answering ARP) until `want` IPv4 frames came out.
+    fn expect_ip(&mut self, want: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        until(
+            &format!("{want} IPv4 frames on tx"),
+            Duration::from_secs(20),
+            || {
+                got.extend(self.pump_ip());
+                got.len() >= want
+            },
+        );
+        got
     }
 
     /// Pumps until `want` frames came out.
@@ -471,4 +513,368 @@ fn runs_without_a_driver_doorbell() {
     assert!(drv.inject(&echo_request(1, 1, b"no bell")));
     let f = drv.expect(2);
     assert!(f[1].ends_with(b"no bell"));
+}
+
+// -------------------------------------------------------------------------------------------
+// The transport link (ip <-> udp)
+// -------------------------------------------------------------------------------------------
+
+/// Buffers per pool of the test's transport link.
+const TBUFS: u32 = 64;
+
+/// The test's udp server: its ring ends on the transport link and its SEND_POOL free list.
+struct UdpSide {
+    tl: TransportLink,
+    ends: TransportEnds,
+    send_free: FreeList,
+    retakes: Retakes,
+}
+
+impl UdpSide {
+    fn new(tl: &TransportLink, ip_control: &ControlBlock) -> UdpSide {
+        let mut ends = tl.transport_ends().unwrap();
+        ends.send.set_doorbell(ip_control.doorbell().clone());
+        ends.deliver_return
+            .set_doorbell(ip_control.doorbell().clone());
+        let send_free = FreeList::recover(&tl.send_pool, UDP, &[], &[]);
+        assert_eq!(send_free.len(), TBUFS as usize);
+        UdpSide {
+            tl: tl.clone(),
+            ends,
+            send_free,
+            retakes: Retakes::none(),
+        }
+    }
+
+    /// Collects SEND_POOL buffers the ip server has sent.
+    fn collect(&mut self) {
+        self.send_free
+            .collect(&self.tl.send_pool, &mut self.ends.send_return, IP, 1024)
+            .unwrap();
+    }
+
+    /// Receives what is on `deliver`, taking each buffer before committing and handing it
+    /// straight back on `deliver_return`.
+    fn recv(&mut self) -> Vec<(DatagramSlot, Vec<u8>)> {
+        self.collect();
+        let mut slots = [DatagramSlot::default(); 64];
+        self.ends.deliver.rewind();
+        let n = self.ends.deliver.read(&mut slots).unwrap();
+        let (mut out, mut back) = (Vec::new(), Vec::new());
+        for s in &slots[..n] {
+            let r = self
+                .tl
+                .deliver_pool
+                .take(&s.desc, IP, UDP, &mut self.retakes)
+                .expect("ip hands over buffers it holds");
+            let mut b = vec![0u8; r.len() as usize];
+            self.tl.deliver_pool.read(&r, &mut b);
+            out.push((*s, b));
+            back.push(self.tl.deliver_pool.descriptor(r.index(), 0));
+        }
+        self.ends.deliver.commit(n).unwrap();
+        assert_eq!(
+            self.ends.deliver_return.push_slice(&back).unwrap(),
+            back.len()
+        );
+        out
+    }
+
+    /// Puts `payload` (a UDP header and data) on `send`; false if no buffer is free.
+    fn send(&mut self, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> bool {
+        self.collect();
+        let Some(i) = self.send_free.get() else {
+            return false;
+        };
+        self.tl
+            .send_pool
+            .write(i, DATAGRAM_HEADROOM, payload)
+            .unwrap();
+        let slot = DatagramSlot {
+            desc: self.tl.send_pool.descriptor(i, payload.len() as u32),
+            src: u32::from(src),
+            dst: u32::from(dst),
+            protocol: 17,
+            ..DatagramSlot::default()
+        };
+        self.ends
+            .send
+            .push(slot)
+            .map_err(|_| ())
+            .expect("send ring has room");
+        true
+    }
+
+    /// Receives until `want` slots came.
+    fn expect(&mut self, want: usize) -> Vec<(DatagramSlot, Vec<u8>)> {
+        let mut got = Vec::new();
+        until(
+            &format!("{want} slots on deliver"),
+            Duration::from_secs(20),
+            || {
+                got.extend(self.recv());
+                got.len() >= want
+            },
+        );
+        got
+    }
+}
+
+/// A UDP header (checksum 0: none, as IPv4 allows) and data.
+fn udp(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + data.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    u
+}
+
+/// A UDP datagram from the peer to us, as a frame.
+fn udp_frame(ident: u16, payload: &[u8]) -> Vec<u8> {
+    let mut ip = Ip::new(PEER_IP, OUR_IP, 17);
+    ip.ident = ident;
+    eth(OUR_MAC, PEER_MAC, 0x0800, &ip.build(payload))
+}
+
+/// (source, payload) of each datagram the peer's engine delivers.
+type Received = Rc<RefCell<Vec<(Ipv4Addr, Vec<u8>)>>>;
+
+/// The peer host's UDP: records each datagram its engine reassembles.
+#[derive(Default)]
+struct PeerUdp(Received);
+impl Transport for PeerUdp {
+    fn deliver(&mut self, _now: Duration, d: &Datagram<'_>) {
+        self.0.borrow_mut().push((d.src, d.payload.to_vec()));
+    }
+}
+
+fn all_home(link: &Link, tl: &TransportLink) -> bool {
+    let (rx, tx) = pool_owners(link);
+    rx == BTreeMap::from([(DRIVER, FRAMES)])
+        && tx == BTreeMap::from([(IP, FRAMES)])
+        && tl.deliver_pool.accounting() == BTreeMap::from([(IP, TBUFS)])
+        && tl.send_pool.accounting() == BTreeMap::from([(UDP, TBUFS)])
+}
+
+#[test]
+fn transport_link_delivers_sends_relays_icmp_errors_and_survives_kill_9() {
+    watchdog(Duration::from_secs(120));
+    let control = ControlBlock::create("ip-t", 64 * 1024).unwrap();
+    let peer = ControlBlock::create("driver-t", 4096).unwrap();
+    let udp_peer = ControlBlock::create("udp-t", 4096).unwrap();
+    let link = Link::create("t-ip-t-link", FRAMES).unwrap();
+    let tl = TransportLink::create("t-ip-t-udp", 17, UDP, TBUFS).unwrap();
+    let mut drv = Driver::new(&link, &control);
+    let mut udp_side = UdpSide::new(&tl, &control);
+    let extra = [
+        ("transport.udp", tl.region()),
+        ("peer.udp", udp_peer.region()),
+    ];
+    let ip = spawn_full(&control, &link, Some(&peer), &extra);
+    until("ip running", Duration::from_secs(20), || {
+        control.state() == Some(ServerState::Running)
+    });
+    let gen1 = control.generation().get();
+    drv.expect(1); // the gratuitous ARP
+
+    // (a) A UDP datagram to us arrives on `deliver`, whole, and rings the udp doorbell.
+    let dgram = udp(5000, 7, b"to the udp server");
+    assert!(drv.inject(&udp_frame(0x1001, &dgram)));
+    let deliver = &mut udp_side.ends.deliver;
+    let woke = udp_peer.doorbell().wait(
+        SpinPolicy::PARK_AT_ONCE,
+        Some(Duration::from_secs(20)),
+        || deliver.has_data(),
+    );
+    assert_ne!(woke, WaitOutcome::TimedOut, "the udp doorbell was rung");
+    let got = udp_side.expect(1);
+    let (slot, payload) = &got[0];
+    assert_eq!(
+        (
+            Ipv4Addr::from(slot.src),
+            Ipv4Addr::from(slot.dst),
+            slot.protocol,
+            slot.ttl,
+            slot.kind,
+            slot.broadcast
+        ),
+        (PEER_IP, OUR_IP, 17, 64, DatagramSlot::KIND_DATAGRAM, 0)
+    );
+    assert_eq!(payload, &dgram);
+    // A TCP segment still gets "protocol unreachable" (no transport.tcp).
+    let tcp = Ip::new(PEER_IP, OUR_IP, 6).build(&[0; 20]);
+    assert!(drv.inject(&eth(OUR_MAC, PEER_MAC, 0x0800, &tcp)));
+    let f = drv.expect_ip(1);
+    let (_, m) = parse_icmp(&f[0]);
+    assert_eq!((m.msg_type(), m.code()), (3, 2));
+    assert_eq!(m.data(), &tcp[..28]);
+    until("counters", Duration::from_secs(20), || {
+        counter(&control, "transport.delivered") == 1
+            && counter(&control, "drop.proto_unreachable") == 1
+    });
+    assert!(
+        udp_side.recv().is_empty(),
+        "only the UDP datagram was delivered"
+    );
+
+    // (b) 20000 bytes of UDP data sent on `send` go out as 14 IPv4 fragments that
+    // reassemble to the same bytes (the ARP for the peer is answered on the way).
+    let data: Vec<u8> = (0..20000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let big = udp(5000, 9, &data);
+    assert!(udp_side.send(Ipv4Addr::UNSPECIFIED, PEER_IP, &big));
+    let frames = drv.expect_ip(14);
+    assert_eq!(frames.len(), 14);
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let mut peer_stack = IpStack::new(Config::new(PEER_MAC, PEER_IP, 24)).unwrap();
+    peer_stack.attach(17, Box::new(PeerUdp(seen.clone())));
+    for f in &frames {
+        assert!(f.len() <= 1514);
+        let p = parse_ip(f);
+        assert_eq!((p.src(), p.dst(), p.protocol()), (OUR_IP, PEER_IP, 17));
+        assert_eq!(
+            peer_stack.handle_frame(Duration::ZERO, f, |_| {}),
+            Disposition::Handled
+        );
+    }
+    assert_eq!(*seen.borrow(), vec![(OUR_IP, big.clone())]);
+    // The SEND_POOL buffer came back; bad sends are counted, not sent.
+    until("send buffer back", Duration::from_secs(20), || {
+        udp_side.collect();
+        udp_side.send_free.len() == TBUFS as usize
+    });
+    let off_link = Ipv4Addr::new(10, 1, 2, 3);
+    assert!(udp_side.send(OUR_IP, off_link, &udp(1, 2, b"nowhere")));
+    assert!(udp_side.send(PEER_IP, PEER_IP, &udp(1, 2, b"spoofed")));
+    until("send drops counted", Duration::from_secs(20), || {
+        counter(&control, "drop.transport_send_no_route") == 1
+            && counter(&control, "drop.transport_send_bad") == 1
+            && counter(&control, "transport.sent") == 1
+    });
+
+    // (c) A port unreachable about a datagram we sent comes up as an ICMP error slot.
+    assert!(udp_side.send(OUR_IP, PEER_IP, &udp(5001, 7777, b"hello")));
+    let sent = drv.expect_ip(1);
+    let sent = parse_ip(&sent[0]).datagram().to_vec();
+    let unreach = Ip::new(PEER_IP, OUR_IP, 1).build(&icmp(3, 3, 0, 0, &sent));
+    assert!(drv.inject(&eth(OUR_MAC, PEER_MAC, 0x0800, &unreach)));
+    let got = udp_side.expect(1);
+    let (slot, quote) = &got[0];
+    assert_eq!(
+        (
+            slot.kind,
+            slot.icmp_type,
+            slot.icmp_code,
+            slot.protocol,
+            Ipv4Addr::from(slot.src),
+            Ipv4Addr::from(slot.dst)
+        ),
+        (DatagramSlot::KIND_ICMP_ERROR, 3, 3, 17, PEER_IP, OUR_IP)
+    );
+    assert_eq!(quote, &sent, "the quoted datagram, whole");
+    until("icmp counters", Duration::from_secs(20), || {
+        counter(&control, "icmp.errors_to_transport") == 1
+    });
+
+    // (d) Traffic both ways, then SIGKILL at an arbitrary point, several times over.
+    let mut ip = Some(ip);
+    let mut ident = 0x2000u16;
+    let (mut up, mut down) = (0usize, 0usize);
+    for round in 0..8u64 {
+        let start = Instant::now();
+        let (mut got_up, mut got_down) = (0, 0);
+        while got_up < 20 || got_down < 20 {
+            assert!(start.elapsed() < Duration::from_secs(30), "traffic stalled");
+            for _ in 0..8 {
+                ident = ident.wrapping_add(1);
+                drv.inject(&udp_frame(ident, &udp(4000, 7, &[ident as u8; 300])));
+            }
+            for k in 0..4 {
+                let n = if k == 0 { 3000 } else { 200 };
+                udp_side.send(OUR_IP, PEER_IP, &udp(7, 4000, &vec![round as u8; n]));
+            }
+            got_up += udp_side.recv().len();
+            got_down += drv.pump_ip().len();
+        }
+        // A burst, then the kill after a varying delay.
+        for _ in 0..FRAMES {
+            ident = ident.wrapping_add(1);
+            drv.inject(&udp_frame(ident, &udp(4000, 7, &[1; 1000])));
+        }
+        while udp_side.send(OUR_IP, PEER_IP, &udp(7, 4000, &[2; 1400])) {}
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros((round * 131) % 700) {
+            std::hint::spin_loop();
+        }
+        ip.take().unwrap().kill9();
+        up += got_up;
+        down += got_down;
+        eprintln!("round {round}: {got_up} delivered, {got_down} frames sent, then SIGKILL");
+        drv.pump();
+        udp_side.recv();
+        ip = Some(spawn_full(&control, &link, Some(&peer), &extra));
+        until("restart", Duration::from_secs(20), || {
+            control.generation().get() > gen1 + round
+        });
+    }
+    assert!(up > 0 && down > 0);
+
+    // The fresh instance still works both ways, and once traffic drains every buffer of all
+    // four pools is with its home.
+    let mut seen_up = false;
+    let mut seen_down = false;
+    let mut tries = 0u32;
+    until("traffic after restarts", Duration::from_secs(20), || {
+        if tries % 100 == 0 {
+            ident = ident.wrapping_add(1);
+            drv.inject(&udp_frame(ident, &udp(4000, 7, b"up after the storm")));
+            udp_side.send(OUR_IP, PEER_IP, &udp(7, 4000, b"down after the storm"));
+        }
+        tries += 1;
+        seen_up |= udp_side
+            .recv()
+            .iter()
+            .any(|(_, p)| p.ends_with(b"up after the storm"));
+        seen_down |= drv
+            .pump_ip()
+            .iter()
+            .any(|f| f.ends_with(b"down after the storm"));
+        seen_up && seen_down
+    });
+    until("all buffers home", Duration::from_secs(30), || {
+        drv.pump_ip();
+        udp_side.recv();
+        all_home(&link, &tl)
+    });
+    assert_eq!(drv.rx_free.len(), FRAMES as usize);
+    assert_eq!(udp_side.send_free.len(), TBUFS as usize);
+    assert_eq!(link.rx_pool.drops().bad_owner, 0);
+    assert_eq!(link.tx_pool.drops().total(), 0);
+    assert_eq!(tl.deliver_pool.drops().total(), 0);
+    assert_eq!(tl.send_pool.drops().total(), 0);
+    assert_eq!(counter(&control, "drop.desc_bad"), 0);
+    assert!(counter(&control, "transport.delivered") as usize >= up);
+    drop(ip);
+}
+
+#[test]
+fn without_a_transport_link_udp_is_protocol_unreachable() {
+    watchdog(Duration::from_secs(60));
+    let control = ControlBlock::create("ip-not", 4096).unwrap();
+    let link = Link::create("t-ip-not", 16).unwrap();
+    let mut drv = Driver::new(&link, &control);
+    let _ip = spawn_with(&control, &link, None);
+    drv.expect(1); // the announcement
+    let dgram = Ip::new(PEER_IP, OUR_IP, 17).build(&udp(5000, 7, b"nobody home"));
+    assert!(drv.inject(&eth(OUR_MAC, PEER_MAC, 0x0800, &dgram)));
+    let f = drv.expect_ip(1);
+    let (p, m) = parse_icmp(&f[0]);
+    assert_eq!(p.dst(), PEER_IP);
+    assert_eq!((m.msg_type(), m.code()), (3, 2));
+    assert_eq!(m.data(), &dgram[..28]);
+    until("counted", Duration::from_secs(20), || {
+        counter(&control, "drop.proto_unreachable") == 1
+    });
+    assert_eq!(counter(&control, "transport.delivered"), 0);
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::*;
 use keepnet_ip::wire::{ArpPacket, EthernetFrame};
-use keepnet_ip::{Config, Ctr, Datagram, Disposition, Event, IpStack, Mac, SendError, Transport};
+use keepnet_ip::{
+    Config, Ctr, Datagram, Disposition, Event, IcmpError, IpStack, Mac, SendError, Transport,
+};
 
 /// `who-has 198.18.0.2 tell 198.18.0.1` as Linux sends it on a TAP (no padding).
 const LINUX_ARP_REQUEST: [u8; 42] = [
@@ -464,6 +466,109 @@ fn attached_transport_gets_its_datagrams() {
     assert_dropped(&mut s, &ip_frame(&t), Ctr::DropProtoUnreachable);
     assert!(s.detach(17).is_some());
     assert_dropped(&mut s, &ip_frame(&dgram), Ctr::DropProtoUnreachable);
+}
+
+/// (from, type, code, rest, protocol, quoted src, quoted dst, quote) of each ICMP error.
+type Errors = Rc<RefCell<Vec<(Ipv4Addr, u8, u8, [u8; 4], u8, Ipv4Addr, Ipv4Addr, Vec<u8>)>>>;
+
+struct ErrorRecorder(Errors);
+impl Transport for ErrorRecorder {
+    fn deliver(&mut self, _now: Duration, _d: &Datagram<'_>) {}
+    fn icmp_error(&mut self, _now: Duration, e: &IcmpError<'_>) {
+        assert_eq!(e.to, OUR_IP);
+        assert_eq!(e.quote_header_len, 20);
+        self.0.borrow_mut().push((
+            e.from,
+            e.icmp_type,
+            e.icmp_code,
+            e.rest,
+            e.protocol,
+            e.src,
+            e.dst,
+            e.quote.to_vec(),
+        ));
+    }
+}
+
+#[test]
+fn icmp_errors_about_our_datagrams_reach_the_transport() {
+    let mut s = stack_knowing_peer();
+    let seen: Errors = Rc::new(RefCell::new(Vec::new()));
+    s.attach(17, Box::new(ErrorRecorder(seen.clone())));
+    // A UDP datagram we sent (5000 -> 7), as the peer quotes it back.
+    let udp = [
+        0x13, 0x88, 0x00, 0x07, 0x00, 0x0d, 0x00, 0x00, b'h', b'e', b'l', b'l', b'o',
+    ];
+    let sent = Ip::new(OUR_IP, PEER_IP, 17).build(&udp);
+    let err = |t: u8, c: u8, quote: &[u8]| {
+        let mut m = vec![t, c, 0, 0, 0, 0, 0x05, 0xdc];
+        m.extend_from_slice(quote);
+        let sum = keepnet_ip::wire::checksum::compute(&m);
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
+        ip_frame(&Ip::new(PEER_IP, OUR_IP, 1).build(&m))
+    };
+    // Port unreachable, quoting the whole datagram: handed over whole, nothing answered.
+    let (d, out) = run(&mut s, ms(1), &err(3, 3, &sent));
+    assert_eq!((d, out.len()), (Disposition::Handled, 0));
+    // Time exceeded with only header + 8 bytes, and link padding after the quote trimmed.
+    let mut padded = sent[..28].to_vec();
+    padded[2..4].copy_from_slice(&28u16.to_be_bytes());
+    padded.extend_from_slice(&[0; 6]);
+    run(&mut s, ms(1), &err(11, 0, &padded));
+    assert_eq!(
+        *seen.borrow(),
+        vec![
+            (
+                PEER_IP,
+                3,
+                3,
+                [0, 0, 5, 0xdc],
+                17,
+                OUR_IP,
+                PEER_IP,
+                sent.clone()
+            ),
+            (
+                PEER_IP,
+                11,
+                0,
+                [0, 0, 5, 0xdc],
+                17,
+                OUR_IP,
+                PEER_IP,
+                padded[..28].to_vec()
+            ),
+        ]
+    );
+    assert_eq!(s.count(Ctr::IcmpErrorsToTransport), 2);
+    // Not handed over: about a datagram someone else sent; a non-initial fragment; a quote
+    // shorter than header + 8; source quench (RFC 6633).
+    let mut foreign = Ip::new(Ipv4Addr::new(198, 18, 0, 9), PEER_IP, 17);
+    let foreign_dgram = foreign.build(&udp);
+    foreign.src = OUR_IP;
+    foreign.flags_frag = 3;
+    let frag = foreign.build(&udp);
+    for m in [
+        err(3, 3, &foreign_dgram),
+        err(3, 3, &frag),
+        err(3, 3, &sent[..27]),
+    ] {
+        let (d, out) = run(&mut s, ms(1), &m);
+        assert_eq!((d, out.len()), (Disposition::Handled, 0));
+    }
+    assert_eq!(s.count(Ctr::IcmpErrorsUnmatched), 3);
+    run(&mut s, ms(1), &err(4, 0, &sent));
+    // About a protocol with no transport (TCP): only counted.
+    let tcp = Ip::new(OUR_IP, PEER_IP, 6).build(&[0; 20]);
+    run(&mut s, ms(1), &err(3, 1, &tcp));
+    assert_eq!(seen.borrow().len(), 2);
+    assert_eq!(s.count(Ctr::IcmpErrorsToTransport), 2);
+    assert_eq!(s.count(Ctr::IcmpErrorsUnmatched), 3);
+    assert_eq!(s.count(Ctr::IcmpErrorsIn), 7);
+    // A transport that ignores errors (the trait's default) is fine too.
+    s.attach(17, Box::new(Recorder::default()));
+    run(&mut s, ms(1), &err(3, 3, &sent));
+    assert_eq!(s.count(Ctr::IcmpErrorsToTransport), 3);
 }
 
 #[test]

@@ -28,4 +28,4 @@ pub use pool::{
     BufRef, BufferPool, DescError, Descriptor, EndpointId, FreeList, PoolError, Retakes,
 };
 pub use region::{Region, RegionError, RegionKind};
-pub use ring::{Consumer, Producer, PushError, Ring, RingError};
+pub use ring::{process_alive, Consumer, Producer, PushError, Ring, RingError};

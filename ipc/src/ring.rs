@@ -131,7 +131,10 @@ fn slot_align<T>() -> usize {
     std::mem::align_of::<T>().max(64)
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// True if a process with this pid exists (an unreaped zombie counts). EPERM means it exists
+/// but belongs to someone else. 0 and values that are not valid pids are never alive (a
+/// negative pid would name a process group).
+pub fn process_alive(pid: u32) -> bool {
     if pid == 0 || pid > i32::MAX as u32 {
         return false;
     }
@@ -368,7 +371,7 @@ impl<T: Pod> Ring<T> {
                 {
                     return Ok(Claim::Fresh);
                 }
-            } else if cur == me || pid_alive(cur) {
+            } else if cur == me || process_alive(cur) {
                 return Err(RingError::AlreadyClaimed { side, pid: cur });
             } else if cell
                 .compare_exchange(cur, me, Ordering::AcqRel, Ordering::Relaxed)

@@ -62,10 +62,6 @@ fn read_state(instance: &str) -> Option<StateFile> {
     serde_json::from_str(&text).ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
-    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
-}
-
 /// The checks `up` makes before starting anything.
 pub fn preflight(config: &Config) -> Result<(), ClientError> {
     if !is_root() {
@@ -78,7 +74,7 @@ pub fn preflight(config: &Config) -> Result<(), ClientError> {
         daemon::binary_for(config, name)?;
     }
     if let Some(st) = read_state(&config.instance) {
-        if pid_alive(st.supervisor_pid) {
+        if keepnet_ipc::process_alive(st.supervisor_pid) {
             return Err(ClientError::AlreadyUp {
                 instance: config.instance.clone(),
                 pid: st.supervisor_pid,
@@ -272,7 +268,7 @@ pub fn down(config_path: Option<&Path>) -> Result<String, ClientError> {
     }
     if let Some(st) = state {
         let end = Instant::now() + Duration::from_secs(10);
-        while pid_alive(st.supervisor_pid) && Instant::now() < end {
+        while keepnet_ipc::process_alive(st.supervisor_pid) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

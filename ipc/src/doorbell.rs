@@ -101,10 +101,18 @@ pub enum WaitOutcome {
 /// A doorbell placed in a region. Any number of producers may ring it; one consumer waits.
 #[derive(Clone, Debug)]
 pub struct Doorbell {
-    region: Region,
-    offset: usize,
+    /// Keeps the mapping behind `base` alive.
+    _mapping: Region,
+    /// The BellShm at its offset in `region`, checked when the handle was made.
+    base: *mut u8,
     efd: Option<Arc<OwnedFd>>,
 }
+
+// SAFETY: `base` points into the mapping that `_mapping` (an Arc) keeps alive as long as the
+// handle; BellShm is all atomics, so the handle may move to and be shared with any thread.
+unsafe impl Send for Doorbell {}
+// SAFETY: as above.
+unsafe impl Sync for Doorbell {}
 
 /// Creates an eventfd for [`Doorbell::with_eventfd`] (close-on-exec, non-blocking).
 pub fn new_eventfd() -> std::io::Result<OwnedFd> {
@@ -125,10 +133,10 @@ impl Doorbell {
 
     /// Initialises a doorbell at `offset` (creator side).
     pub fn init(region: &Region, offset: usize) -> Result<Doorbell, RegionError> {
-        region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
+        let base = region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
         let bell = Doorbell {
-            region: region.clone(),
-            offset,
+            _mapping: region.clone(),
+            base,
             efd: None,
         };
         let s = bell.shm();
@@ -140,10 +148,10 @@ impl Doorbell {
 
     /// Attaches to a doorbell initialised elsewhere.
     pub fn attach(region: &Region, offset: usize) -> Result<Doorbell, RegionError> {
-        region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
+        let base = region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
         let bell = Doorbell {
-            region: region.clone(),
-            offset,
+            _mapping: region.clone(),
+            base,
             efd: None,
         };
         if bell.shm().magic.load(Ordering::Acquire) != BELL_MAGIC {
@@ -155,14 +163,12 @@ impl Doorbell {
         Ok(bell)
     }
 
+    #[inline]
     fn shm(&self) -> &BellShm {
-        let p = match self.region.ptr_at(self.offset, Self::SIZE, Self::ALIGN) {
-            Ok(p) => p,
-            Err(_) => unreachable!("doorbell offset was validated when the handle was made"),
-        };
-        // SAFETY: in bounds and aligned (checked above), alive as long as `self.region`, and
-        // BellShm is all atomics (plus padding), valid for any bit pattern.
-        unsafe { &*p.cast::<BellShm>() }
+        // SAFETY: `base` was checked in bounds and 64-aligned for a BellShm when the handle
+        // was made, and stays mapped as long as `self._mapping`; BellShm is all atomics (plus
+        // padding), valid for any bit pattern.
+        unsafe { &*self.base.cast::<BellShm>() }
     }
 
     /// Attaches the eventfd that the consumer polls (see the module docs). Every holder of

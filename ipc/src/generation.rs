@@ -2,14 +2,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::region::{Region, RegionError};
+use crate::region::{Region, RegionError, SharedU64};
 
 /// A generation counter living in a region. Each restart or update of an endpoint bumps it;
 /// peers that see a new value know to redo their setup.
 #[derive(Clone, Debug)]
 pub struct Generation {
-    region: Region,
-    offset: usize,
+    cell: SharedU64,
 }
 
 impl Generation {
@@ -23,17 +22,12 @@ impl Generation {
     pub fn attach(region: &Region, offset: usize) -> Result<Generation, RegionError> {
         region.ptr_at(offset, Self::SIZE, Self::ALIGN)?;
         Ok(Generation {
-            region: region.clone(),
-            offset,
+            cell: SharedU64::at(region, offset)?,
         })
     }
 
     fn cell(&self) -> &AtomicU64 {
-        // The offset was validated at attach; atomic_u64 re-checks (cheap) and cannot fail.
-        match self.region.atomic_u64(self.offset) {
-            Ok(a) => a,
-            Err(_) => unreachable!("generation offset was validated at attach"),
-        }
+        self.cell.atomic()
     }
 
     /// The current generation.

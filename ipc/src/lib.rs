@@ -27,5 +27,5 @@ pub use pod::Pod;
 pub use pool::{
     BufRef, BufferPool, DescError, Descriptor, EndpointId, FreeList, PoolError, Retakes,
 };
-pub use region::{Region, RegionError, RegionKind};
+pub use region::{Region, RegionError, RegionKind, SharedU64};
 pub use ring::{process_alive, Consumer, Producer, PushError, Ring, RingError};

@@ -165,8 +165,11 @@ impl PoolDrops {
 /// the handle is made and kept privately, so a peer rewriting the header cannot widen it.
 #[derive(Clone, Debug)]
 pub struct BufferPool {
-    region: Region,
-    offset: usize,
+    /// Keeps the mapping behind `base` alive.
+    _mapping: Region,
+    /// The pool's first byte in the mapping, checked (in bounds for the whole pool, 4096-
+    /// aligned) when the handle was made.
+    base: *mut u8,
     id: u16,
     count: u32,
     buf_size: u32,
@@ -211,10 +214,10 @@ impl BufferPool {
                 headroom,
             });
         }
-        region.ptr_at(offset, Self::size_in_region(count, buf_size), Self::ALIGN)?;
+        let base = region.ptr_at(offset, Self::size_in_region(count, buf_size), Self::ALIGN)?;
         let pool = BufferPool {
-            region: region.clone(),
-            offset,
+            _mapping: region.clone(),
+            base,
             id,
             count,
             buf_size,
@@ -235,10 +238,10 @@ impl BufferPool {
 
     /// Opens a pool initialised elsewhere.
     pub fn open(region: &Region, offset: usize, id: u16) -> Result<BufferPool, PoolError> {
-        region.ptr_at(offset, 2 * META, Self::ALIGN)?;
+        let base = region.ptr_at(offset, 2 * META, Self::ALIGN)?;
         let probe = BufferPool {
-            region: region.clone(),
-            offset,
+            _mapping: region.clone(),
+            base,
             id,
             count: 0,
             buf_size: 0,
@@ -277,17 +280,15 @@ impl BufferPool {
         })
     }
 
+    #[inline]
     fn base(&self) -> *mut u8 {
-        match self.region.ptr_at(self.offset, 2 * META, Self::ALIGN) {
-            Ok(p) => p,
-            Err(_) => unreachable!("pool offset was validated when the handle was made"),
-        }
+        self.base
     }
 
     fn meta(&self) -> &PoolMeta {
         // SAFETY: the pool's first 256 bytes were checked to be in the region and 4096-aligned
         // when the handle was made; PoolMeta is all atomics, valid for any bits, and lives as
-        // long as self.region's mapping.
+        // long as self._mapping.
         unsafe { &*self.base().cast::<PoolMeta>() }
     }
 
@@ -564,6 +565,14 @@ impl BufferPool {
         }
     }
 }
+
+// SAFETY: `base` points into the mapping that `_mapping` (an Arc) keeps alive as long as the
+// handle; shared state reached through it is atomics, and buffer bytes are touched only
+// through copies or the `unsafe` borrows whose contracts rest on the ownership table. The
+// handle may therefore move to and be shared with any thread, as the Region itself can.
+unsafe impl Send for BufferPool {}
+// SAFETY: as above.
+unsafe impl Sync for BufferPool {}
 
 /// Buffers a restarted receiver may take although it already owns them: those it had taken
 /// from an incoming slot that its predecessor never committed. Each may be re-taken once.

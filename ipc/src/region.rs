@@ -363,3 +363,38 @@ impl Region {
         Ok(())
     }
 }
+
+/// One `u64` in a region (a counter, a generation), reached without re-checking its offset
+/// on every access: the offset is checked once, when the handle is made.
+#[derive(Clone, Debug)]
+pub struct SharedU64 {
+    /// Keeps the mapping behind `cell` alive.
+    _mapping: Region,
+    cell: *const AtomicU64,
+}
+
+// SAFETY: `cell` points into the mapping that `_mapping` (an Arc) keeps alive as long as the
+// handle, and is only ever used as an atomic, so the handle may move to and be shared with
+// any thread.
+unsafe impl Send for SharedU64 {}
+// SAFETY: as above.
+unsafe impl Sync for SharedU64 {}
+
+impl SharedU64 {
+    /// The `u64` at `offset` (checked: in bounds, after the header, 8-aligned).
+    pub fn at(region: &Region, offset: usize) -> Result<SharedU64, RegionError> {
+        let p = region.ptr_at(offset, 8, 8)?;
+        Ok(SharedU64 {
+            _mapping: region.clone(),
+            cell: p.cast::<AtomicU64>(),
+        })
+    }
+
+    /// The atomic itself.
+    #[inline]
+    pub fn atomic(&self) -> &AtomicU64 {
+        // SAFETY: checked in bounds and 8-aligned when the handle was made; mapped as long as
+        // `self._mapping`; an AtomicU64 is valid for any bit pattern.
+        unsafe { &*self.cell }
+    }
+}

@@ -114,9 +114,20 @@ pub enum PushError<T> {
 pub struct Ring<T: Pod> {
     region: Region,
     offset: usize,
+    /// `region`'s mapping at `offset`, checked (in bounds, aligned) when the value was built;
+    /// kept so that no access re-checks it.
+    base: *mut u8,
     capacity: u64,
     _t: PhantomData<T>,
 }
+
+// SAFETY: `base` points into the mapping that `region` (an Arc) keeps alive for as long as
+// the value exists; everything reached through it is atomics or slots whose exclusive use the
+// ring protocol arranges, so a Ring may move to and be shared with other threads as freely as
+// the Region itself.
+unsafe impl<T: Pod> Send for Ring<T> {}
+// SAFETY: as above.
+unsafe impl<T: Pod> Sync for Ring<T> {}
 
 impl<T: Pod> std::fmt::Debug for Ring<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,10 +184,11 @@ impl<T: Pod> Ring<T> {
         if !capacity.is_power_of_two() || cap > MAX_CAPACITY {
             return Err(RingError::BadCapacity(cap));
         }
-        region.ptr_at(offset, Self::size_in_region(capacity), Self::ALIGN)?;
+        let base = region.ptr_at(offset, Self::size_in_region(capacity), Self::ALIGN)?;
         let ring = Ring {
             region: region.clone(),
             offset,
+            base,
             capacity: cap,
             _t: PhantomData,
         };
@@ -197,10 +209,11 @@ impl<T: Pod> Ring<T> {
 
     /// Opens a ring initialised elsewhere, checking magic, slot layout, tag and capacity.
     pub fn open(region: &Region, offset: usize, tag: u32) -> Result<Ring<T>, RingError> {
-        region.ptr_at(offset, SLOTS, Self::ALIGN)?;
+        let base = region.ptr_at(offset, SLOTS, Self::ALIGN)?;
         let probe: Ring<T> = Ring {
             region: region.clone(),
             offset,
+            base,
             capacity: 0,
             _t: PhantomData,
         };
@@ -256,11 +269,9 @@ impl<T: Pod> Ring<T> {
         unsafe { &*self.base().add(at).cast::<AtomicU64>() }
     }
 
+    #[inline]
     fn base(&self) -> *mut u8 {
-        match self.region.ptr_at(self.offset, SLOTS, Self::ALIGN) {
-            Ok(p) => p,
-            Err(_) => unreachable!("ring offset was validated when the handle was made"),
-        }
+        self.base
     }
 
     fn slots(&self) -> *mut T {
@@ -678,9 +689,3 @@ impl<T: Pod> Drop for Consumer<T> {
         );
     }
 }
-
-// SAFETY: a handle holds a Region (Arc of a shared mapping, Send + Sync) and plain indices;
-// the ring protocol allows its single producer/consumer to run on any thread.
-unsafe impl<T: Pod> Send for Producer<T> {}
-// SAFETY: as above.
-unsafe impl<T: Pod> Send for Consumer<T> {}

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use keepnet_ipc::{
     Doorbell, Generation, Pod, Region, RegionError, RegionKind, RegionLayout, Ring, RingError,
+    SharedU64,
 };
 
 const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"KNCTRL01");
@@ -256,16 +257,14 @@ pub enum ControlError {
 
 /// A counter in a control block (see [`ControlBlock::counter`]). Cheap to increment.
 #[derive(Clone, Debug)]
-pub struct Counter(Option<(Region, usize)>);
+pub struct Counter(Option<SharedU64>);
 
 impl Counter {
     /// Adds `n`.
     #[inline]
     pub fn add(&self, n: u64) {
-        if let Some((r, at)) = &self.0 {
-            if let Ok(a) = r.atomic_u64(*at) {
-                a.fetch_add(n, Ordering::Relaxed);
-            }
+        if let Some(c) = &self.0 {
+            c.atomic().fetch_add(n, Ordering::Relaxed);
         }
     }
     /// Adds one.
@@ -277,8 +276,7 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0
             .as_ref()
-            .and_then(|(r, at)| r.atomic_u64(*at).ok())
-            .map_or(0, |a| a.load(Ordering::Relaxed))
+            .map_or(0, |c| c.atomic().load(Ordering::Relaxed))
     }
 }
 
@@ -563,18 +561,13 @@ impl ControlBlock {
                 break;
             }
             if have == want {
-                return Counter(
-                    self.region
-                        .atomic_u64(at + COUNTER_NAME)
-                        .ok()
-                        .map(|_| (self.region.clone(), at + COUNTER_NAME)),
-                );
+                return Counter(SharedU64::at(&self.region, at + COUNTER_NAME).ok());
             }
             if have[0] == 0 {
                 if self.region.write_bytes(at, &want).is_err() {
                     break;
                 }
-                return Counter(Some((self.region.clone(), at + COUNTER_NAME)));
+                return Counter(SharedU64::at(&self.region, at + COUNTER_NAME).ok());
             }
         }
         Counter(None)

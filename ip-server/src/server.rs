@@ -502,6 +502,18 @@ fn send_from(
         let payload = dgram.get(..len).unwrap_or(&[]);
         if send_slot_ok(&slot, protocol, our) {
             let dst = Ipv4Addr::from(slot.dst);
+            if slot.kind == DatagramSlot::KIND_UNREACHABLE {
+                match stack.send_unreachable(now, dst, slot.icmp_code, payload, |f| {
+                    em.emit(f, &mut None)
+                }) {
+                    Ok(()) => counters.sent.inc(),
+                    Err(SendError::NoRoute) => counters.send_no_route.inc(),
+                    Err(SendError::TooBig) => counters.send_bad.inc(),
+                    Err(SendError::QueueFull) => counters.send_queue_full.inc(),
+                }
+                port.borrow_mut().send_done(r.index());
+                continue;
+            }
             match stack.send_ip(now, dst, slot.protocol, payload, |f| em.emit(f, &mut None)) {
                 Ok(()) => counters.sent.inc(),
                 Err(SendError::NoRoute) => counters.send_no_route.inc(),

@@ -708,6 +708,42 @@ impl IpStack {
         self.send_ip_inner(now, dst, protocol, payload, &mut out)
     }
 
+    /// A transport's answer to a datagram it was delivered (UDP to a closed port): an ICMP
+    /// destination unreachable with `code` to `dst`, quoting `quote` (the original IP header
+    /// and at least 8 bytes of its payload; cut to 8 bytes past the header, RFC 792). The
+    /// quote must be of a datagram from `dst` to us, so a transport cannot forge errors
+    /// about traffic it never saw; and RFC 1122 3.2.2's rules hold (never to a broadcast,
+    /// multicast or unspecified source). Refused as [`SendError::TooBig`] otherwise.
+    pub fn send_unreachable(
+        &mut self,
+        now: Duration,
+        dst: Ipv4Addr,
+        code: u8,
+        quote: &[u8],
+        mut out: impl FnMut(&[u8]),
+    ) -> Result<(), SendError> {
+        let Ok(h) = Ipv4Packet::new_checked(quote) else {
+            return Err(SendError::TooBig);
+        };
+        let hlen = h.header_len();
+        let ok = h.src() == dst
+            && h.dst() == self.cfg.addr
+            && quote.len() >= hlen + 8
+            && code <= 15
+            && !(dst.is_unspecified()
+                || self.is_broadcast(dst)
+                || dst.is_multicast()
+                || dst.is_loopback());
+        if !ok {
+            return Err(SendError::TooBig);
+        }
+        let quote = &quote[..hlen + 8];
+        let mut icmp = Vec::with_capacity(8 + quote.len());
+        emit_icmp(&mut icmp, icmp_type::DEST_UNREACHABLE, code, [0; 4], quote);
+        self.counters.inc(Ctr::IcmpErrorsSent);
+        self.send_ip_inner(now, dst, proto::ICMP, &icmp, &mut out)
+    }
+
     /// Sends an ICMP echo request; replies come back as [`Event::EchoReply`].
     pub fn ping(
         &mut self,

@@ -132,7 +132,9 @@ impl Port {
 
     /// Copies `payload` into a DELIVER_POOL buffer and queues `slot` (its descriptor filled
     /// in here) for `deliver`; drops and counts it if no buffer or no slot is free.
-    fn offer(&mut self, mut slot: DatagramSlot, payload: &[u8]) {
+    /// `header`, if any, goes into the headroom right before the payload (for a transport
+    /// that answers with an ICMP error quoting it).
+    fn offer(&mut self, mut slot: DatagramSlot, header: &[u8], payload: &[u8]) {
         if self.deliver_batch.len() >= self.deliver_room {
             self.deliver_room = self.ends.deliver.free_slots().unwrap_or(0);
         }
@@ -149,6 +151,10 @@ impl Port {
         };
         let pool = &self.link.deliver_pool;
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let hlen = u32::try_from(header.len()).unwrap_or(u32::MAX);
+        let header_ok = hlen <= pool.headroom()
+            && pool.write(i, pool.headroom() - hlen, header).is_ok();
+        slot.header_len = if header_ok { hlen } else { 0 };
         if pool.write(i, pool.headroom(), payload).is_err() {
             // Larger than a buffer: cannot happen for an IPv4 payload.
             self.deliver_free.put(i);
@@ -251,7 +257,7 @@ impl Transport for RingTransport {
             broadcast: u8::from(d.broadcast),
             ..DatagramSlot::default()
         };
-        p.offer(slot, d.payload);
+        p.offer(slot, d.header, d.payload);
     }
 
     fn icmp_error(&mut self, _now: Duration, e: &IcmpError<'_>) {
@@ -269,13 +275,13 @@ impl Transport for RingTransport {
             icmp_rest: u32::from_be_bytes(e.rest),
             ..DatagramSlot::default()
         };
-        p.offer(slot, e.quote);
+        p.offer(slot, &[], e.quote);
     }
 }
 
 /// Checks a slot read from `send` of the port for `protocol`; `our` is our address.
 pub(crate) fn send_slot_ok(s: &DatagramSlot, protocol: u8, our: Ipv4Addr) -> bool {
-    s.kind == DatagramSlot::KIND_DATAGRAM
+    (s.kind == DatagramSlot::KIND_DATAGRAM || s.kind == DatagramSlot::KIND_UNREACHABLE)
         && s.protocol == protocol
         && (s.src == 0 || s.src == u32::from(our))
 }

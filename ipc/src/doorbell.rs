@@ -378,6 +378,25 @@ impl Doorbell {
         }
     }
 
+    /// True while the consumer is parked or about to park (its `sleeping` flag is set).
+    ///
+    /// A consumer that also serves doorbells it does not park on (the udp server: one per
+    /// application, rung by the app, each carrying the server's eventfd) checks this in its
+    /// park re-check and, when set, [`Doorbell::arm`]s those doorbells before it looks at
+    /// their rings: the same protocol as the module docs, with the flag in the other bell.
+    pub fn is_armed(&self) -> bool {
+        self.shm().sleeping.load(Ordering::SeqCst) != 0
+    }
+
+    /// Consumer side, for a doorbell the consumer does not park on itself (see
+    /// [`Doorbell::is_armed`]): sets `sleeping`, so that the next producer to ring makes the
+    /// wake-up call (its eventfd write), and fences before the caller re-checks for work.
+    pub fn arm(&self) {
+        self.shm().sleeping.store(1, Ordering::SeqCst);
+        // Sync point A (see the module docs).
+        fence(Ordering::SeqCst);
+    }
+
     /// Wake-up syscalls producers made so far.
     pub fn wakes(&self) -> u64 {
         self.shm().wakes.load(Ordering::Relaxed)

@@ -75,13 +75,16 @@ pub enum Command {
     Resume,
     /// Exit cleanly.
     Stop,
+    /// Read what the supervisor queued on the server's hotplug socket (fd `hotplug`): an
+    /// application attached or went away. Reply value: messages handled.
+    Hotplug,
 }
 
 /// A slot on the command and reply rings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlMsg {
-    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop; replies: 100 Ok, 101 Err.
+    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop, 6 Hotplug; replies: 100 Ok, 101 Err.
     pub kind: u32,
     /// The request id a reply answers.
     pub seq: u32,
@@ -108,6 +111,7 @@ impl ControlMsg {
             Command::Restore => 3,
             Command::Resume => 4,
             Command::Stop => 5,
+            Command::Hotplug => 6,
         };
         ControlMsg {
             kind,
@@ -124,6 +128,7 @@ impl ControlMsg {
             3 => Command::Restore,
             4 => Command::Resume,
             5 => Command::Stop,
+            6 => Command::Hotplug,
             _ => return None,
         })
     }

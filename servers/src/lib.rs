@@ -19,6 +19,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+pub mod app;
 pub mod boot;
 pub mod codec;
 pub mod control;

@@ -61,6 +61,12 @@ pub trait Server {
         None
     }
 
+    /// The supervisor queued messages on the server's hotplug socket (fd `hotplug`, see
+    /// [`crate::app`]); read them. Returns how many were handled. Servers without one refuse.
+    fn hotplug(&mut self) -> Result<u64, ServerError> {
+        Err(ServerError::Fatal("this server takes no hotplug messages".into()))
+    }
+
     /// Serializes private state (called while quiesced, at a batch boundary). Use
     /// [`crate::codec::encode`].
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
@@ -178,6 +184,13 @@ pub fn run<S: Server>(
                     info!("resumed");
                     (true, 0)
                 }
+                Command::Hotplug => match server.hotplug() {
+                    Ok(n) => (true, n),
+                    Err(e) => {
+                        error!(%e, "hotplug failed");
+                        (false, 4)
+                    }
+                },
                 Command::Stop => {
                     reply(&mut replies, msg.seq, true, 0);
                     control.set_state(ServerState::Stopped);
@@ -205,12 +218,14 @@ pub fn run<S: Server>(
         };
         let fd = if running { server.wait_fd() } else { None };
         let ready = || (running && server.has_work()) || cmds.has_data();
-        let outcome = match fd {
-            Some(fd) => {
+        // A doorbell with an eventfd is rung through it: park in poll, not on the futex.
+        let outcome = match (fd, bell.eventfd().is_some()) {
+            (Some(fd), _) => {
                 bell.wait_fds(policy, Some(opts.park_timeout), ready, &[fd])
                     .0
             }
-            None => bell.wait(policy, Some(opts.park_timeout), ready),
+            (None, true) => bell.wait_fds(policy, Some(opts.park_timeout), ready, &[]).0,
+            (None, false) => bell.wait(policy, Some(opts.park_timeout), ready),
         };
         if outcome == WaitOutcome::TimedOut {
             continue;

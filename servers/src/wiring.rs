@@ -376,7 +376,7 @@ const TAG_SEND_RET: u32 = 0x12_0004;
 /// | 29 | `broadcast` | deliver: 1 if sent to a broadcast address (IP or link layer) |
 /// | 30 | `_pad` | zero |
 /// | 32 | `icmp_rest` | kind 1: bytes 4..8 of the ICMP header, big-endian as a u32 (the next-hop MTU of "fragmentation needed" is its low 16 bits) |
-/// | 36 | `_reserved` | zero |
+/// | 36 | `header_len` | deliver, kind 0: bytes of the received IP header (options included) that the ip server copied into the headroom right before the payload; else 0 |
 ///
 /// On `deliver`, kind 0 is a datagram addressed to us (src: the sender, dst: our address or a
 /// broadcast address). Kind 1 is an ICMP error about a datagram this transport sent: `src` is
@@ -385,8 +385,13 @@ const TAG_SEND_RET: u32 = 0x12_0004;
 /// followed by at least 8 bytes of the original payload (the transport header's ports).
 ///
 /// On `send`, the transport sets `desc`, `dst`, `protocol` (its own) and `src`: 0 lets the ip
-/// server use our address, anything else must be our address. `kind` must be 0; the ICMP
-/// and `broadcast` fields are ignored. The ip server fragments as needed.
+/// server use our address, anything else must be our address. With `kind` 0 the ICMP and
+/// `broadcast` fields are ignored and the ip server fragments as needed. With `kind` 2
+/// ([`DatagramSlot::KIND_UNREACHABLE`]) the transport asks the ip server to answer a datagram
+/// it was delivered with an ICMP destination unreachable (`icmp_code`, e.g. 3 = port
+/// unreachable; RFC 792, RFC 1122 3.2.2.1): the payload is the quote, the original IP header
+/// (as delivered in the headroom) followed by at least 8 bytes of its payload, and `dst` the
+/// original sender. The ip server checks that the quote is of a datagram from `dst` to us.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DatagramSlot {
@@ -412,8 +417,8 @@ pub struct DatagramSlot {
     pub _pad: [u8; 2],
     /// Kind 1: bytes 4..8 of the ICMP header as a big-endian u32.
     pub icmp_rest: u32,
-    /// Zero.
-    pub _reserved: u32,
+    /// Deliver, kind 0: length of the IP header copied right before the payload.
+    pub header_len: u32,
 }
 
 impl DatagramSlot {
@@ -421,6 +426,8 @@ impl DatagramSlot {
     pub const KIND_DATAGRAM: u8 = 0;
     /// `kind`: an ICMP error about a datagram the transport sent.
     pub const KIND_ICMP_ERROR: u8 = 1;
+    /// `kind` on `send`: answer a delivered datagram with ICMP destination unreachable.
+    pub const KIND_UNREACHABLE: u8 = 2;
 }
 
 const _: () = assert!(std::mem::size_of::<DatagramSlot>() == 40);

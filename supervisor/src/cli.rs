@@ -4,6 +4,9 @@
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::ipc::peer::PeerArgs;
+use crate::bench::probe::ProbeArgs;
+use crate::bench::udp::UdpArgs;
+use crate::bench::udp_echo::EchoServerArgs;
 
 /// keepnet: a user-space TCP/IP stack of cooperating processes.
 #[derive(Debug, Parser)]
@@ -35,6 +38,13 @@ pub enum Command {
     /// Internal: the peer process of `keepnet bench ipc` (started by keepnet itself).
     #[command(name = "__bench-peer", hide = true)]
     BenchPeer(PeerArgs),
+    /// Internal: the kernel-side UDP test client (run with `ip netns exec` by tests and by
+    /// `keepnet bench udp`).
+    #[command(name = "__udp-probe", hide = true)]
+    UdpProbe(ProbeArgs),
+    /// Internal: the Linux UDP echo server of `keepnet bench udp`'s baseline.
+    #[command(name = "__udp-echo-server", hide = true)]
+    UdpEchoServer(EchoServerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +67,17 @@ pub enum BenchTarget {
     /// ICMP echo round trip (p50, p99) from the Linux kernel to keepnet over TAP, beside the
     /// round trip between two Linux namespaces over a veth pair, in the same run; needs root.
     Ping(PingArgs),
+    /// UDP echo round trip (p50, p99) and request rate at 1 and 16 outstanding requests,
+    /// from the Linux kernel to keepnet's echo service (UDP port 7) over TAP, beside the
+    /// same load against a Linux UDP echo server across a veth pair, in the same run; needs
+    /// root.
+    ///
+    /// Rounds alternate between keepnet and Linux; each figure is the median across rounds,
+    /// and ratios are keepnet / Linux. Every echo is checked byte for byte; losses, resends
+    /// and mismatches are reported. With the defaults it takes well under a minute; progress
+    /// goes to stderr. Runs `sockperf ping-pong` as a cross-check where sockperf is
+    /// installed.
+    Udp(UdpArgs),
 }
 
 #[derive(Debug, Args)]

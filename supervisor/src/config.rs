@@ -128,6 +128,42 @@ pub struct Config {
     pub ip: IpConfig,
     pub placement: PlacementConfig,
     pub servers: ServersConfig,
+    /// Applications the supervisor starts once the servers are ready and restarts when they
+    /// exit. Absent: the demo services (UDP echo on 7, UDP discard on 9). `services = []`:
+    /// none.
+    #[serde(default = "default_services")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service: an application built on the sockets library.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Name in `status` and in its log file (`service-NAME.log`).
+    pub name: String,
+    /// Binary; default: `keepnet-service` beside the `keepnet` executable.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// Arguments (for `keepnet-service`: `udp-echo --port 7`, `udp-discard --port 9`).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Log filter (`info`, `debug`, ...).
+    #[serde(default)]
+    pub log: Option<String>,
+}
+
+/// The demo services.
+pub fn default_services() -> Vec<ServiceConfig> {
+    let svc = |name: &str, args: &[&str]| ServiceConfig {
+        name: name.into(),
+        binary: None,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        log: None,
+    };
+    vec![
+        svc("udp-echo", &["udp-echo", "--port", "7"]),
+        svc("udp-discard", &["udp-discard", "--port", "9"]),
+    ]
 }
 
 /// The TAP device and the kernel's side of it.
@@ -173,6 +209,7 @@ pub struct PlacementConfig {
 pub struct ServersConfig {
     pub driver: ServerConfig,
     pub ip: ServerConfig,
+    pub udp: ServerConfig,
 }
 
 /// One server's settings.
@@ -195,6 +232,7 @@ impl Default for Config {
             ip: IpConfig::default(),
             placement: PlacementConfig::default(),
             servers: ServersConfig::default(),
+            services: default_services(),
         }
     }
 }
@@ -237,7 +275,7 @@ impl Default for PlacementConfig {
 }
 
 /// The server names, in start order.
-pub const SERVERS: [&str; 2] = ["driver", "ip"];
+pub const SERVERS: [&str; 3] = ["driver", "ip", "udp"];
 
 impl Config {
     /// Reads and checks a config file.
@@ -311,6 +349,31 @@ impl Config {
                 ),
             ));
         }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let ok = !svc.name.is_empty()
+                && svc.name.len() <= 32
+                && svc
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(bad(
+                    "services.name",
+                    format!(
+                        "service {}: {:?}: use 1 to 32 letters, digits, '-' and '_'",
+                        i + 1,
+                        svc.name
+                    ),
+                ));
+            }
+            if !names.insert(svc.name.as_str()) {
+                return Err(bad(
+                    "services.name",
+                    format!("two services are named {:?}", svc.name),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -318,6 +381,7 @@ impl Config {
     pub fn server(&self, name: &str) -> &ServerConfig {
         match name {
             "driver" => &self.servers.driver,
+            "udp" => &self.servers.udp,
             _ => &self.servers.ip,
         }
     }
@@ -366,5 +430,24 @@ mod tests {
         }
         assert!(Config::parse("[ip]\nmac = \"zz\"\n", Path::new("k.toml")).is_err());
         assert!(Config::parse("[ip]\naddr = \"198.18.0.2\"\n", Path::new("k.toml")).is_err());
+    }
+
+    #[test]
+    fn services_default_and_checked() {
+        let c = Config::parse("", Path::new("k.toml")).unwrap();
+        let names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["udp-echo", "udp-discard"]);
+        assert!(Config::parse("services = []\n", Path::new("k.toml"))
+            .unwrap()
+            .services
+            .is_empty());
+        let two = "[[services]]\nname = \"a\"\n[[services]]\nname = \"a\"\n";
+        assert!(Config::parse(two, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string()
+            .contains("two services"));
+        let typo = "[[services]]\nname = \"a\"\nargz = []\n";
+        let e = Config::parse(typo, Path::new("k.toml")).unwrap_err().to_string();
+        assert!(e.contains("argz"), "{e}");
     }
 }

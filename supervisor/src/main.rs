@@ -21,6 +21,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::BenchPeer(args) => bench::ipc::peer::run_peer(args),
+        Command::UdpProbe(args) => bench::probe::run(args),
+        Command::UdpEchoServer(args) => bench::udp_echo::run(args),
         Command::Up(a) => {
             return done(
                 ctl::client::up(a.config.config.as_deref(), a.netns, a.foreground).map(say),

@@ -2,129 +2,25 @@
 //! Needs root; without it each test says so loudly and skips, except under CI=true where it
 //! fails. All traffic stays inside namespaces these tests create, on 198.18.0.0/15.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use keepnet_tests::lab::{counter, root_or_skip, server, Lab as LabBase, KEEPNET_IP, KEEPNET_MAC};
+
 const KEEPNET: &str = env!("CARGO_BIN_EXE_keepnet");
-const KEEPNET_IP: &str = "198.18.0.2";
-const KEEPNET_MAC: &str = "02:6b:6e:00:00:02";
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("\n*** SKIPPED {test}: needs root (TAP devices and network namespaces) ***\n");
-    false
-}
-
-fn servers_built() {
-    let dir = Path::new(KEEPNET).parent().expect("binary dir");
-    for b in ["keepnet-driver", "keepnet-ip"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} is not built beside keepnet: run `cargo test --workspace` (it builds every server)"
-        );
-    }
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A lab: a unique namespace, instance and runtime directory, torn down on every exit path.
-struct Lab {
-    ns: String,
-    config: PathBuf,
-    run_dir: PathBuf,
-    up: bool,
-}
+/// The shared lab, run with this package's `keepnet`.
+struct Lab;
 
 impl Lab {
-    fn new(tag: &str, extra_config: &str) -> Lab {
-        servers_built();
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let id = format!("{}-{}-{n}", tag, std::process::id());
-        let run_dir = std::env::temp_dir().join(format!("kn-run-{id}"));
-        std::fs::create_dir_all(&run_dir).unwrap();
-        let config = run_dir.join("keepnet.toml");
-        std::fs::write(&config, format!("instance = \"{id}\"\n{extra_config}")).unwrap();
-        Lab {
-            ns: format!("kn-{id}"),
-            config,
-            run_dir,
-            up: false,
-        }
-    }
-
-    fn keepnet(&self, args: &[&str]) -> Output {
-        let out = Command::new(KEEPNET)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("KEEPNET_RUN_DIR", &self.run_dir)
-            .output()
-            .expect("run keepnet");
-        eprintln!(
-            "$ keepnet {} -> {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn up(&mut self) {
-        let ns = self.ns.clone();
-        let out = self.keepnet(&["up", "--netns", &ns]);
-        assert!(out.status.success(), "keepnet up failed");
-        self.up = true;
-    }
-
-    fn exec(&self, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .args(cmd)
-            .output()
-            .expect("ip netns exec")
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = self.keepnet(&["status", "--json"]);
-        assert!(out.status.success(), "status failed");
-        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    #[allow(clippy::new_ret_no_self)]
+    fn new(tag: &str, extra_config: &str) -> LabBase {
+        LabBase::with_binary(Path::new(KEEPNET), tag, extra_config)
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if self.up {
-            let _ = self.keepnet(&["down"]);
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-    }
-}
-
-fn server<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    st["servers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no server {name} in status"))
-}
-
-fn counter(st: &serde_json::Value, srv: &str, name: &str) -> u64 {
-    let s = server(st, srv);
-    s["counters"][name]
-        .as_u64()
-        .or_else(|| s["drops"][name.trim_start_matches("drop.")].as_u64())
-        .unwrap_or(0)
-}
-
-fn ping(lab: &Lab, args: &[&str]) -> (u32, u32) {
+fn ping(lab: &LabBase, args: &[&str]) -> (u32, u32) {
     let mut cmd = vec!["ping", "-q", "-W", "2"];
     cmd.extend_from_slice(args);
     cmd.push(KEEPNET_IP);

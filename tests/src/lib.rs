@@ -2,8 +2,9 @@
 //!
 //! This library holds what the suites and their peer processes (`src/bin/*.rs`) share: the
 //! layouts of the regions they exchange ([`shm`]) and the harness that spawns, watches and
-//! reaps child processes ([`harness`]).
+//! reaps child processes ([`harness`]), and the TAP lab of the end-to-end suites ([`lab`]).
 #![deny(unsafe_code)]
 
 pub mod harness;
+pub mod lab;
 pub mod shm;

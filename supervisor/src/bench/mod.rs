@@ -2,9 +2,14 @@
 
 pub mod affinity;
 pub mod fds;
+pub mod interrupt;
 pub mod ipc;
 pub mod ping;
+pub mod probe;
 pub mod stats;
+pub mod udp;
+pub mod udp_echo;
+pub mod veth;
 
 use crate::cli::{BenchArgs, BenchTarget};
 use crate::error::Result;
@@ -14,5 +19,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.target {
         BenchTarget::Ipc(a) => ipc::run(&a),
         BenchTarget::Ping(a) => ping::run(a.json, a.count),
+        BenchTarget::Udp(a) => udp::run(a),
     }
 }

@@ -7,13 +7,9 @@ use std::process::Command;
 use serde::Serialize;
 
 use super::stats::percentile;
+use super::veth::{Veth, VETH_B};
 use crate::ctl::instance::Instance;
-use crate::ctl::lab;
 use crate::error::{Error, Result};
-
-/// Addresses of the veth baseline (inside 198.18.0.0/15, RFC 2544).
-const VETH_A: &str = "198.19.0.1";
-const VETH_B: &str = "198.19.0.2";
 
 /// Figures for one target.
 #[derive(Debug, Serialize, Clone)]
@@ -32,57 +28,6 @@ pub struct PingReport {
     pub linux_veth: PingFigures,
     pub p50_ratio: f64,
     pub p99_ratio: f64,
-}
-
-/// Removes the veth namespaces on every exit path.
-struct Veth {
-    a: String,
-    b: String,
-}
-
-impl Veth {
-    fn new() -> Result<Veth> {
-        let pid = std::process::id();
-        let v = Veth {
-            a: format!("kn-bva-{pid}"),
-            b: format!("kn-bvb-{pid}"),
-        };
-        let ip = |args: &[&str]| lab::ip(args).map_err(|e| Error::Peer(e.to_string()));
-        ip(&["netns", "add", &v.a])?;
-        ip(&["netns", "add", &v.b])?;
-        ip(&[
-            "-n", &v.a, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
-            &v.b,
-        ])?;
-        ip(&[
-            "-n",
-            &v.a,
-            "addr",
-            "add",
-            &format!("{VETH_A}/24"),
-            "dev",
-            "veth0",
-        ])?;
-        ip(&[
-            "-n",
-            &v.b,
-            "addr",
-            "add",
-            &format!("{VETH_B}/24"),
-            "dev",
-            "veth1",
-        ])?;
-        ip(&["-n", &v.a, "link", "set", "veth0", "up"])?;
-        ip(&["-n", &v.b, "link", "set", "veth1", "up"])?;
-        Ok(v)
-    }
-}
-
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = lab::netns_delete(&self.a);
-        let _ = lab::netns_delete(&self.b);
-    }
 }
 
 /// Runs `count` pings at `interval` seconds from namespace `ns` to `dst`; returns the
@@ -127,7 +72,7 @@ fn figures(sent: usize, mut rtts: Vec<f64>) -> PingFigures {
 /// Runs the benchmark: `total` pings to each target, 1 ms apart, in interleaved rounds.
 pub fn run(json: bool, total: usize) -> Result<()> {
     let inst = Instance::up("bench-ping").map_err(|e| Error::Peer(e.to_string()))?;
-    let veth = Veth::new()?;
+    let veth = Veth::new("bv")?;
     let target = inst.config.ip.addr.addr.to_string();
     let rounds = 4;
     let per = (total / rounds).max(1);

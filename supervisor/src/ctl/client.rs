@@ -26,6 +26,8 @@ pub enum ClientError {
     NotRunning { instance: String, path: PathBuf },
     #[error("{0}")]
     Daemon(#[from] daemon::DaemonError),
+    #[error("service {name}: binary not found at {path}: build it (cargo build --release) or set its binary in the config")]
+    NoServiceBinary { name: String, path: PathBuf },
     #[error("keepnet up failed: {0}")]
     StartFailed(String),
     #[error("{what}: {source}")]
@@ -73,6 +75,15 @@ pub fn preflight(config: &Config) -> Result<(), ClientError> {
     for name in SERVERS {
         daemon::binary_for(config, name)?;
     }
+    for svc in &config.services {
+        let path = super::services::service_binary(svc);
+        if !path.is_file() {
+            return Err(ClientError::NoServiceBinary {
+                name: svc.name.clone(),
+                path,
+            });
+        }
+    }
     if let Some(st) = read_state(&config.instance) {
         if keepnet_ipc::process_alive(st.supervisor_pid) {
             return Err(ClientError::AlreadyUp {
@@ -94,11 +105,13 @@ pub fn up(
     preflight(&config)?;
     if foreground {
         let mut d = Daemon::start(Options { config, netns })?;
-        println!(
-            "keepnet up (foreground): {} servers ready; Ctrl-C or `keepnet down` stops it",
-            SERVERS.len()
-        );
-        let r = d.serve();
+        let r = d.serve(|r| match r {
+            Ok(()) => println!(
+                "keepnet up (foreground): {} servers and the services ready; Ctrl-C or `keepnet down` stops it",
+                SERVERS.len()
+            ),
+            Err(e) => eprintln!("keepnet up: {e}"),
+        });
         drop(d);
         return r
             .map(|()| "keepnet: stopped".to_string())
@@ -193,10 +206,14 @@ pub fn daemon_main(config_path: Option<&Path>, netns: Option<String>) -> Result<
     };
     match Daemon::start(Options { config, netns }) {
         Ok(mut d) => {
-            if let Some(mut r) = ready {
-                let _ = writeln!(r, "ready");
-            }
-            let res = d.serve();
+            let res = d.serve(move |r| {
+                if let Some(mut pipe) = ready {
+                    let _ = match r {
+                        Ok(()) => writeln!(pipe, "ready"),
+                        Err(e) => writeln!(pipe, "error: {e}"),
+                    };
+                }
+            });
             drop(d);
             res.map_err(ClientError::from)
         }

@@ -1,7 +1,7 @@
 //! The supervisor daemon: owns the regions and the TAP device, starts and watches the servers,
 //! answers the control socket.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use keepnet_ipc::SpinPolicy;
 use keepnet_server::runtime::{supervisor_ends, RequestError};
-use keepnet_server::wiring::Link;
+use keepnet_server::app::Attached;
+use keepnet_server::wiring::{Link, TransportLink, UDP};
 use keepnet_server::{
     boot, request, Command as Cmd, ControlBlock, ControlMsg, RunOptions, ServerState,
 };
@@ -18,10 +19,17 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tracing::{error, info, warn};
 
+use super::apps::Apps;
 use super::lab::{self, LabError};
 use super::protocol::{Answer, Request, StateFile};
-use super::status::{ServerStatus, StatusReport};
+use super::services::ServiceProc;
+use super::status::{AppStatus, ServerStatus, ServiceStatus, StatusReport};
 use crate::config::{Config, Placement, SERVERS};
+
+/// Sockets in the udp server's table.
+const UDP_SOCKETS: u32 = 4096;
+/// Longest wait for the services to attach and bind before `up` gives up.
+const SERVICES_READY: Duration = Duration::from_secs(20);
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +112,13 @@ pub struct Daemon {
     opts: Options,
     started: Instant,
     link: Link,
+    udp_link: TransportLink,
+    udp_state: keepnet_udp::state::SocketTable,
     tap: Option<OwnedFd>,
     driver_bell: OwnedFd,
+    udp_bell: OwnedFd,
+    apps: Apps,
+    services: Vec<ServiceProc>,
     servers: Vec<ServerProc>,
     created_netns: bool,
     listener: Option<UnixListener>,
@@ -168,6 +181,10 @@ fn server_env(config: &Config, name: &str) -> Vec<(String, String)> {
             "KEEPNET_DRIVER_CONFIG".into(),
             serde_json::json!({"backend": "tap"}).to_string(),
         )),
+        "udp" => env.push((
+            "KEEPNET_UDP_CONFIG".into(),
+            serde_json::json!({"addr": config.ip.addr.addr.to_string()}).to_string(),
+        )),
         _ => env.push((
             "KEEPNET_IP_CONFIG".into(),
             serde_json::json!({
@@ -202,12 +219,37 @@ impl Daemon {
         let link = Link::create(&format!("{}-link", config.instance), config.link.frames)
             .map_err(|e| DaemonError::Shm(e.to_string()))?;
         let driver_bell = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+        let udp_bell = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+        let udp_link = TransportLink::create(
+            &format!("{}-transport.udp", config.instance),
+            17,
+            UDP,
+            TransportLink::DEFAULT_BUFFERS,
+        )
+        .map_err(|e| DaemonError::Shm(e.to_string()))?;
+        let udp_state = keepnet_udp::state::SocketTable::create(
+            &format!("{}-udp.state", config.instance),
+            UDP_SOCKETS,
+        )
+        .map_err(|e| DaemonError::Shm(e.to_string()))?;
+        let apps = Apps::new().map_err(io("hotplug socket pair"))?;
+        let services = config
+            .services
+            .iter()
+            .cloned()
+            .map(ServiceProc::new)
+            .collect();
         let mut d = Daemon {
             opts,
             started: Instant::now(),
             link,
+            udp_link,
+            udp_state,
             tap: None,
             driver_bell,
+            udp_bell,
+            apps,
+            services,
             servers: Vec::new(),
             created_netns,
             listener: None,
@@ -243,8 +285,13 @@ impl Daemon {
         for ((name, binary), run) in SERVERS.iter().zip(binaries).zip(opts_per_server) {
             let mut control =
                 ControlBlock::create(name, 1 << 20).map_err(|e| DaemonError::Shm(e.to_string()))?;
-            if *name == "driver" {
-                let efd = d.driver_bell.try_clone().map_err(io("dup eventfd"))?;
+            let bell = match *name {
+                "driver" => Some(&d.driver_bell),
+                "udp" => Some(&d.udp_bell),
+                _ => None,
+            };
+            if let Some(bell) = bell {
+                let efd = bell.try_clone().map_err(io("dup eventfd"))?;
                 control = control.with_bell_eventfd(efd);
             }
             let (commands, replies) =
@@ -272,6 +319,13 @@ impl Daemon {
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io(format!("bind {}", sock.display())))?;
         listener.set_nonblocking(true).map_err(io("socket"))?;
+        // Any local user may attach an application; everything else is checked per request
+        // against the caller's credentials (see `handle`).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
+                .map_err(io(format!("chmod {}", sock.display())))?;
+        }
         d.listener = Some(listener);
         d.write_state()?;
         info!(instance = %config.instance, netns = ?d.opts.netns, "constellation up");
@@ -282,17 +336,17 @@ impl Daemon {
         self.run_dir.join(format!("{name}.log"))
     }
 
+    fn control_region(&self, name: &str) -> Option<keepnet_ipc::Region> {
+        self.servers
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.control.region().clone())
+    }
+
     fn spawn(&mut self, i: usize) -> Result<(), DaemonError> {
-        let ip_region = self
-            .servers
-            .iter()
-            .find(|s| s.name == "ip")
-            .map(|s| s.control.region().clone());
-        let driver_region = self
-            .servers
-            .iter()
-            .find(|s| s.name == "driver")
-            .map(|s| s.control.region().clone());
+        let ip_region = self.control_region("ip");
+        let driver_region = self.control_region("driver");
+        let udp_region = self.control_region("udp");
         let log = self.log_file(self.servers[i].name);
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -320,12 +374,32 @@ impl Daemon {
                 }
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
+            "udp" => {
+                let mut regions = vec![
+                    ("transport.udp", self.udp_link.region()),
+                    ("udp.state", self.udp_state.region()),
+                ];
+                if let Some(r) = &ip_region {
+                    regions.push(("peer.ip", r));
+                }
+                let fds = [
+                    ("bell", self.udp_bell.as_fd()),
+                    ("hotplug", self.apps.server_end()),
+                ];
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+            }
             _ => {
-                let mut regions = vec![("link", &link)];
+                let mut regions = vec![("link", &link), ("transport.udp", self.udp_link.region())];
                 if let Some(r) = &driver_region {
                     regions.push(("peer.driver", r));
                 }
-                let fds = [("bell.driver", self.driver_bell.as_fd())];
+                if let Some(r) = &udp_region {
+                    regions.push(("peer.udp", r));
+                }
+                let fds = [
+                    ("bell.driver", self.driver_bell.as_fd()),
+                    ("bell.udp", self.udp_bell.as_fd()),
+                ];
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
         }
@@ -403,11 +477,41 @@ impl Daemon {
             kernel_addr: self.opts.config.link.kernel_addr.to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             servers: self.servers.iter().map(server_status).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceStatus {
+                    name: s.cfg.name.clone(),
+                    pid: s.pid().unwrap_or(0),
+                    state: match (&s.child, s.ready) {
+                        (Some(_), true) => "running",
+                        (Some(_), false) => "starting",
+                        (None, _) => "restarting",
+                    }
+                    .into(),
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.clone(),
+                    uptime_s: s.started.elapsed().as_secs_f64(),
+                })
+                .collect(),
+            apps: self
+                .apps
+                .conns
+                .values()
+                .map(|c| AppStatus {
+                    app: c.app,
+                    pid: c.pid,
+                    uid: c.uid,
+                    sockets: self.udp_state.app_socket_count(c.app),
+                })
+                .collect(),
         }
     }
 
-    /// Serves the control socket and watches the servers until `down` or a signal.
-    pub fn serve(&mut self) -> Result<(), DaemonError> {
+    /// Serves the control socket and watches the servers until `down` or a signal. Starts
+    /// the services first; `ready` is called once, when every service has attached and bound
+    /// a socket (Ok) or could not (Err, and `serve` returns).
+    pub fn serve(&mut self, ready: impl FnOnce(Result<(), String>)) -> Result<(), DaemonError> {
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGCHLD,
@@ -421,16 +525,79 @@ impl Daemon {
             .map_err(|e| io("block signals")(e.into()))?;
         let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .map_err(|e| io("signalfd")(e.into()))?;
+        let instance = self.opts.config.instance.clone();
+        for i in 0..self.services.len() {
+            let log = self.service_log(i);
+            if let Err(e) = self.services[i].spawn(&instance, &log) {
+                let msg = format!(
+                    "service {} could not start ({}): {e}",
+                    self.services[i].cfg.name,
+                    self.services[i].binary.display()
+                );
+                ready(Err(msg.clone()));
+                return Err(DaemonError::Shm(msg));
+            }
+        }
+        let mut ready = Some(ready);
+        let services_deadline = Instant::now() + SERVICES_READY;
         loop {
-            let (signalled, connected) = {
+            if ready.is_some() {
+                self.update_service_readiness();
+                if self.services.iter().all(|s| s.ready) {
+                    info!("services ready");
+                    if let Some(r) = ready.take() {
+                        r(Ok(()));
+                    }
+                } else if Instant::now() >= services_deadline {
+                    let late: Vec<String> = self
+                        .services
+                        .iter()
+                        .filter(|s| !s.ready)
+                        .map(|s| format!("{} (log: {})", s.cfg.name, self.run_dir.join(format!("service-{}.log", s.cfg.name)).display()))
+                        .collect();
+                    let msg = format!(
+                        "services not ready after {SERVICES_READY:?}: {}",
+                        late.join(", ")
+                    );
+                    if let Some(r) = ready.take() {
+                        r(Err(msg.clone()));
+                    }
+                    return Err(DaemonError::Shm(msg));
+                }
+            }
+            let busy = ready.is_some() || self.services.iter().any(|s| s.next_start.is_some());
+            let app_fds: Vec<std::os::fd::RawFd> = self
+                .apps
+                .conns
+                .values()
+                .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.stream))
+                .collect();
+            let (signalled, connected, hung_up) = {
                 use nix::poll::{PollFd, PollFlags, PollTimeout};
                 let mut pfds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
-                if let Some(l) = &self.listener {
+                let listener = self.listener.as_ref();
+                if let Some(l) = listener {
                     pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
                 }
-                let _ = nix::poll::poll(&mut pfds, PollTimeout::from(1000u16));
+                let base = pfds.len();
+                let conns: Vec<&UnixStream> = self.apps.conns.values().map(|c| &c.stream).collect();
+                for c in &conns {
+                    pfds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+                }
+                let wait = if busy { 20u16 } else { 1000u16 };
+                let _ = nix::poll::poll(&mut pfds, PollTimeout::from(wait));
                 let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
-                (ready(&pfds[0]), pfds.get(1).is_some_and(ready))
+                let hung: Vec<std::os::fd::RawFd> = pfds[base..]
+                    .iter()
+                    .zip(&app_fds)
+                    .filter(|(p, _)| ready(p))
+                    .map(|(_, fd)| *fd)
+                    .collect();
+                (
+                    ready(&pfds[0]),
+                    listener.is_some() && ready(&pfds[1]),
+                    hung,
+                )
             };
             if signalled {
                 while let Ok(Some(info)) = sfd.read_signal() {
@@ -442,24 +609,14 @@ impl Daemon {
                     return Ok(());
                 }
             }
-            // Reap and restart servers that exited on their own.
-            for i in 0..self.servers.len() {
-                let exited = self.servers[i]
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                if let Some(status) = exited {
-                    let s = &mut self.servers[i];
-                    warn!(server = s.name, %status, "server exited; restarting");
-                    let pid = s.child.take().map_or(0, |c| c.id());
-                    release_rings(&self.link, pid);
-                    s.restarts += 1;
-                    if let Err(e) = self.spawn(i) {
-                        error!(%e, "restart failed");
-                    } else {
-                        let _ = self.write_state();
-                    }
-                }
+            self.reap_servers();
+            for i in 0..self.services.len() {
+                self.services[i].reap();
+                let log = self.service_log(i);
+                self.services[i].restart_if_due(&instance, &log);
+            }
+            for fd in hung_up {
+                self.app_readable(fd);
             }
             if connected {
                 let mut streams = Vec::new();
@@ -474,6 +631,76 @@ impl Daemon {
                     }
                 }
             }
+        }
+    }
+
+    fn service_log(&self, i: usize) -> PathBuf {
+        self.run_dir
+            .join(format!("service-{}.log", self.services[i].cfg.name))
+    }
+
+    /// A service is ready once an application with its pid attached and bound a socket.
+    fn update_service_readiness(&mut self) {
+        for svc in &mut self.services {
+            if svc.ready {
+                continue;
+            }
+            let Some(pid) = svc.pid() else { continue };
+            let app = self.apps.conns.values().find(|c| c.pid == pid).map(|c| c.app);
+            svc.ready = app.is_some_and(|a| self.udp_state.app_has_socket(a));
+        }
+    }
+
+    /// Reaps servers that exited on their own and starts them again.
+    fn reap_servers(&mut self) {
+        for i in 0..self.servers.len() {
+            let exited = self.servers[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            let Some(status) = exited else { continue };
+            let s = &mut self.servers[i];
+            warn!(server = s.name, %status, "server exited; restarting");
+            let pid = s.child.take().map_or(0, |c| c.id());
+            s.restarts += 1;
+            release_rings(&self.link, pid);
+            release_transport(&self.udp_link, pid);
+            for c in self.apps.conns.values() {
+                c.link.release_claims_of(pid);
+            }
+            if let Err(e) = self.spawn(i) {
+                error!(%e, "restart failed");
+                continue;
+            }
+            let _ = self.write_state();
+            if self.servers[i].name == "udp" {
+                // The fresh udp server maps every live application's region again.
+                let (apps, servers) = (&self.apps, &mut self.servers);
+                let mut drain = || hotplug_drain(&mut servers[i]);
+                apps.resend_all(&mut drain);
+            }
+        }
+    }
+
+    /// An application's control connection is readable: EOF (or an error) detaches it; any
+    /// other bytes are ignored.
+    fn app_readable(&mut self, fd: std::os::fd::RawFd) {
+        let Some(app) = self.apps.by_fd(fd) else { return };
+        let gone = {
+            let Some(c) = self.apps.conns.get(&app) else { return };
+            let _ = c.stream.set_nonblocking(true);
+            let mut buf = [0u8; 256];
+            match (&c.stream).read(&mut buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        };
+        if gone {
+            let udp = self.servers.iter().position(|s| s.name == "udp");
+            let (apps, servers) = (&mut self.apps, &mut self.servers);
+            let mut drain = || udp.is_some_and(|i| hotplug_drain(&mut servers[i]));
+            apps.detach(app, &mut drain);
         }
     }
 
@@ -494,14 +721,35 @@ impl Daemon {
                     &Answer::Error {
                         message: format!("bad request: {e}"),
                     },
-                    None,
+                    &[],
                 );
                 return false;
             }
         };
+        // Attaching and reading the status are open to every local user; stopping the
+        // constellation and mirroring its traffic are for root and the supervisor's own user.
+        let privileged = matches!(req, Request::Down | Request::Link);
+        if privileged {
+            let uid = nix::sys::socket::getsockopt(
+                &stream,
+                nix::sys::socket::sockopt::PeerCredentials,
+            )
+            .map(|c| c.uid())
+            .unwrap_or(u32::MAX);
+            if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+                send(
+                    &stream,
+                    &Answer::Error {
+                        message: format!("permission denied: uid {uid} may attach applications and read the status, nothing more"),
+                    },
+                    &[],
+                );
+                return false;
+            }
+        }
         match req {
             Request::Status => {
-                send(&stream, &Answer::Status(self.status()), None);
+                send(&stream, &Answer::Status(self.status()), &[]);
                 false
             }
             Request::Link => {
@@ -510,8 +758,12 @@ impl Daemon {
                     &Answer::Ok {
                         message: "link region".into(),
                     },
-                    Some(self.link.region().fd()),
+                    &[self.link.region().fd()],
                 );
+                false
+            }
+            Request::Attach { protocol } => {
+                self.attach(stream, protocol);
                 false
             }
             Request::Down => {
@@ -521,15 +773,67 @@ impl Daemon {
                     &Answer::Ok {
                         message: "down".into(),
                     },
-                    None,
+                    &[],
                 );
                 true
             }
         }
     }
 
+    /// An application asks to attach: give it a region of its own (see `apps`).
+    fn attach(&mut self, stream: UnixStream, protocol: u8) {
+        if protocol != 17 {
+            let message = format!("protocol {protocol} is not served here (udp is 17)");
+            send(&stream, &Answer::Error { message }, &[]);
+            return;
+        }
+        let Some(udp) = self.servers.iter().position(|s| s.name == "udp") else {
+            send(
+                &stream,
+                &Answer::Error {
+                    message: "no udp server in this constellation".into(),
+                },
+                &[],
+            );
+            return;
+        };
+        let answer_to = match stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%e, "attach: cannot dup the connection");
+                return;
+            }
+        };
+        let instance = self.opts.config.instance.clone();
+        let (apps, servers) = (&mut self.apps, &mut self.servers);
+        let mut drain = || hotplug_drain(&mut servers[udp]);
+        match apps.attach(&instance, stream, &mut drain) {
+            Ok(app) => {
+                let Some(conn) = self.apps.conns.get(&app) else { return };
+                let info = Attached {
+                    app,
+                    addr: self.opts.config.ip.addr.addr.to_string(),
+                    mtu: self.opts.config.link.mtu,
+                };
+                send(
+                    &answer_to,
+                    &Answer::Attached(info),
+                    &[conn.link.region().fd(), self.udp_bell.as_fd()],
+                );
+            }
+            Err(message) => {
+                warn!(%message, "attach refused");
+                send(&answer_to, &Answer::Error { message }, &[]);
+            }
+        }
+    }
+
     /// Stops every server (politely, then by force) and removes what `up` made.
     pub fn shutdown(&mut self) {
+        for svc in &mut self.services {
+            svc.stop(Duration::from_secs(2));
+        }
+        self.apps.conns.clear();
         for s in self.servers.iter_mut().rev() {
             let Some(mut child) = s.child.take() else {
                 continue;
@@ -582,6 +886,34 @@ impl Drop for Daemon {
     }
 }
 
+/// Asks the udp server to read its hotplug socket and waits (bounded) for the answer.
+fn hotplug_drain(s: &mut ServerProc) -> bool {
+    if s.child.is_none() {
+        return false;
+    }
+    s.seq = s.seq.wrapping_add(1);
+    matches!(
+        request(
+            &mut s.commands,
+            &mut s.replies,
+            s.seq,
+            Cmd::Hotplug,
+            Duration::from_secs(2),
+        ),
+        Ok(Ok(_))
+    )
+}
+
+/// Frees transport ring sides a dead server held.
+fn release_transport(t: &TransportLink, pid: u32) {
+    for ring in [t.deliver(), t.send()].into_iter().flatten() {
+        ring.release_claims_of(pid);
+    }
+    for ring in [t.deliver_return(), t.send_return()].into_iter().flatten() {
+        ring.release_claims_of(pid);
+    }
+}
+
 /// Frees ring sides a dead server held, so its successor can claim them at once.
 fn release_rings(link: &Link, pid: u32) {
     for ring in [link.rx(), link.tx(), link.rx_return(), link.tx_return()]
@@ -624,20 +956,29 @@ fn server_status(s: &ServerProc) -> ServerStatus {
         version: c.version(),
         uptime_s: s.started.elapsed().as_secs_f64(),
         heartbeat: c.heartbeat(),
-        packets_in: counters.get("rx.frames").copied().unwrap_or(0),
-        packets_out: counters.get("tx.frames").copied().unwrap_or(0),
+        packets_in: counters
+            .get("rx.frames")
+            .or_else(|| counters.get("rx.datagrams"))
+            .copied()
+            .unwrap_or(0),
+        packets_out: counters
+            .get("tx.frames")
+            .or_else(|| counters.get("tx.datagrams"))
+            .copied()
+            .unwrap_or(0),
         drops,
         counters,
     }
 }
 
-fn send(stream: &UnixStream, answer: &Answer, fd: Option<std::os::fd::BorrowedFd<'_>>) {
+fn send(stream: &UnixStream, answer: &Answer, fds: &[std::os::fd::BorrowedFd<'_>]) {
     let mut text = serde_json::to_string(answer)
         .unwrap_or_else(|e| format!("{{\"result\":\"error\",\"message\":\"{e}\"}}"));
     text.push('\n');
-    let r = match fd {
-        Some(fd) => keepnet_ipc::fdpass::send_fds(stream, text.as_bytes(), &[fd]),
-        None => (&*stream).write_all(text.as_bytes()),
+    let r = if fds.is_empty() {
+        (&*stream).write_all(text.as_bytes())
+    } else {
+        keepnet_ipc::fdpass::send_fds(stream, text.as_bytes(), fds)
     };
     if let Err(e) = r {
         warn!(%e, "could not answer a control request");

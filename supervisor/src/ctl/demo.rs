@@ -53,6 +53,28 @@ pub fn run() -> Result<(), ClientError> {
     })?;
     print!("{out_big}");
 
+    step(&format!(
+        "UDP echo (RFC 862) from the kernel side: socat to the echo service on {target}:7"
+    ));
+    let greeting = "hello from the Linux kernel side";
+    let (_, echo_out, echo_err) = lab::netns_exec(
+        &netns,
+        &[
+            "sh",
+            "-c",
+            &format!("printf '{greeting}' | socat -t 2 - UDP:{target}:7"),
+        ],
+    )
+    .map_err(|source| ClientError::Io {
+        what: "run socat (package socat)".into(),
+        source,
+    })?;
+    println!("sent {greeting:?}, echoed {echo_out:?}");
+    if !echo_err.is_empty() {
+        eprint!("{echo_err}");
+    }
+    let udp_ok = echo_out == greeting;
+
     step("the kernel's neighbour table: keepnet's MAC");
     if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {
         print!("{neigh}");
@@ -79,7 +101,11 @@ pub fn run() -> Result<(), ClientError> {
             "LOST REPLIES"
         }
     );
-    if ok && ok_big && gone {
+    println!(
+        "udp echo: {}",
+        if udp_ok { "echoed byte for byte" } else { "NO OR WRONG ECHO" }
+    );
+    if ok && ok_big && udp_ok && gone {
         println!("demo: OK");
         Ok(())
     } else {

@@ -4,12 +4,14 @@
 //! every shared region and the TAP device, starts the servers, and answers requests on a
 //! Unix socket in the runtime directory: status, the link region for a capture, down.
 
+pub mod apps;
 pub mod client;
 pub mod daemon;
 pub mod demo;
 pub mod instance;
 pub mod lab;
 pub mod protocol;
+pub mod services;
 pub mod status;
 
 use std::path::PathBuf;

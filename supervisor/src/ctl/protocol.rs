@@ -15,6 +15,9 @@ pub enum Request {
     Link,
     /// Stop everything and exit.
     Down,
+    /// An application attaches (see `keepnet_server::app`): the answer carries its region
+    /// and the server's doorbell eventfd, and the connection stays open until it exits.
+    Attach { protocol: u8 },
 }
 
 /// An answer from the daemon.
@@ -29,6 +32,9 @@ pub enum Answer {
     Error {
         message: String,
     },
+    /// An application attached: two fds come with this message (its region, the server's
+    /// doorbell eventfd).
+    Attached(keepnet_server::app::Attached),
 }
 
 /// What the daemon remembers on disk, so that `down` and a restarted supervisor find it.

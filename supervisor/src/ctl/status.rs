@@ -15,6 +15,34 @@ pub struct StatusReport {
     pub kernel_addr: String,
     pub uptime_s: f64,
     pub servers: Vec<ServerStatus>,
+    /// Services the supervisor runs.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// Applications attached now.
+    #[serde(default)]
+    pub apps: Vec<AppStatus>,
+}
+
+/// One service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub pid: u32,
+    /// `starting` (not yet bound), `running`, `restarting`.
+    pub state: String,
+    pub restarts: u64,
+    pub last_exit: Option<String>,
+    pub uptime_s: f64,
+}
+
+/// One attached application.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub app: u32,
+    pub pid: u32,
+    pub uid: u32,
+    /// Sockets it holds in the udp server's table.
+    pub sockets: usize,
 }
 
 /// One server.
@@ -79,6 +107,32 @@ impl StatusReport {
                 v.packets_out,
                 v.drops.values().sum::<u64>()
             ));
+        }
+        if !self.services.is_empty() {
+            s.push_str(&format!(
+                "\n{:<16} {:>7} {:<10} {:>8} {:>9}  last exit\n",
+                "service", "pid", "state", "restarts", "uptime"
+            ));
+            for v in &self.services {
+                s.push_str(&format!(
+                    "{:<16} {:>7} {:<10} {:>8} {:>8.1}s  {}\n",
+                    v.name,
+                    v.pid,
+                    v.state,
+                    v.restarts,
+                    v.uptime_s,
+                    v.last_exit.as_deref().unwrap_or("-")
+                ));
+            }
+        }
+        if !self.apps.is_empty() {
+            s.push_str(&format!("\napplications attached: {}\n", self.apps.len()));
+            for a in &self.apps {
+                s.push_str(&format!(
+                    "  app {:>4}  pid {:>7}  uid {:>5}  sockets {}\n",
+                    a.app, a.pid, a.uid, a.sockets
+                ));
+            }
         }
         for v in &self.servers {
             let nonzero: Vec<String> = v

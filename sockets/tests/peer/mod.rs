@@ -1,0 +1,360 @@
+//! A small stand-in for the udp server, playing its side of an application region in a
+//! thread: it answers BIND (ports, AddrInUse, AddrNotAvailable, configured failures),
+//! CONNECT and CLOSE, takes and records SENDs and hands their buffers back (or holds them on
+//! request), and lets a test deliver datagrams and errors. Every wait it offers is bounded.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use keepnet_ipc::{new_eventfd, Doorbell, FreeList, Retakes, Ring, SpinPolicy};
+use keepnet_server::app::{
+    app_endpoint, event, op, AppEvent, AppLink, AppRequest, AppServerEnds, Status,
+};
+use keepnet_server::wiring::UDP;
+use keepnet_sockets::Stack;
+
+/// keepnet's address in these tests.
+pub const KN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The app id of the test region.
+pub const APP: u32 = 1;
+/// Longest any test waits for something to happen.
+pub const BOUND: Duration = Duration::from_secs(10);
+
+/// A datagram the app sent.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub req: AppRequest,
+    pub payload: Vec<u8>,
+}
+
+/// What the peer saw and how it behaves.
+pub struct State {
+    ends: AppServerEnds,
+    rx_free: FreeList,
+    /// Ports whose BIND fails with a status.
+    pub bind_fails: HashMap<u16, Status>,
+    /// Ports whose BIND gets no answer (kept in `unanswered`).
+    pub silent_ports: HashSet<u16>,
+    pub unanswered: Vec<AppRequest>,
+    /// Keep SEND buffers instead of handing them back.
+    pub hold_tx: bool,
+    held: Vec<u32>,
+    /// Every request, in order.
+    pub requests: Vec<AppRequest>,
+    pub sends: Vec<Sent>,
+    pub closes: Vec<u32>,
+    /// RX buffers the app handed back.
+    pub rx_returned: usize,
+    /// Live sockets and their ports.
+    bound: HashMap<u32, u16>,
+    next_socket: u32,
+    next_port: u16,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+/// The stand-in server; stops its thread when dropped.
+pub struct Peer {
+    pub link: AppLink,
+    app_bell: Doorbell,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A stack on a fresh region (`tx` and `rx` buffers) and the peer serving it.
+pub fn rig(tx: u32, rx: u32) -> (Arc<Stack>, Peer) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!("t-sockets-{}", N.fetch_add(1, Ordering::Relaxed));
+    let link = AppLink::create(&name, APP, 17, UDP, tx, rx).unwrap();
+    let efd = new_eventfd().unwrap();
+    let peer_efd = efd.try_clone().unwrap();
+    let stack = Stack::from_parts(link.clone(), efd, KN).unwrap();
+    (stack, Peer::start(link, peer_efd))
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Peer {
+    fn start(link: AppLink, efd: OwnedFd) -> Peer {
+        let ends = link.server_ends().unwrap();
+        let mut rx_free = FreeList::new(&link.rx_pool, UDP);
+        for i in 0..link.rx_pool.count() {
+            rx_free.put(i);
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                ends,
+                rx_free,
+                bind_fails: HashMap::new(),
+                silent_ports: HashSet::new(),
+                unanswered: Vec::new(),
+                hold_tx: false,
+                held: Vec::new(),
+                requests: Vec::new(),
+                sends: Vec::new(),
+                closes: Vec::new(),
+                rx_returned: 0,
+                bound: HashMap::new(),
+                next_socket: 100,
+                next_port: 49152,
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let app_bell = link.app_bell().unwrap();
+        let server_bell = link.server_bell().unwrap().with_eventfd(efd);
+        let requests: Ring<AppRequest> = link.requests().unwrap();
+        let (l, s, bell) = (link.clone(), Arc::clone(&shared), app_bell.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.stop.load(Ordering::Acquire) {
+                server_bell.wait_fds(
+                    SpinPolicy::PARK_AT_ONCE,
+                    Some(Duration::from_millis(10)),
+                    || requests.indices().is_ok_and(|(h, t)| h != t),
+                    &[],
+                );
+                let mut st = lock(&s.state);
+                if st.serve(&l) {
+                    bell.ring();
+                }
+                st.collect_rx(&l);
+                drop(st);
+                s.changed.notify_all();
+            }
+        });
+        Peer {
+            link,
+            app_bell,
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Runs `f` on the peer's state (after collecting returned RX buffers).
+    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut st = lock(&self.shared.state);
+        st.collect_rx(&self.link);
+        f(&mut st)
+    }
+
+    /// Waits (at most [`BOUND`]) until `cond` holds, then returns `f` of the state.
+    #[track_caller]
+    pub fn wait_for<R>(
+        &self,
+        mut cond: impl FnMut(&State) -> bool,
+        f: impl FnOnce(&State) -> R,
+    ) -> R {
+        let deadline = Instant::now() + BOUND;
+        let mut st = lock(&self.shared.state);
+        loop {
+            st.collect_rx(&self.link);
+            if cond(&st) {
+                return f(&st);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the peer never saw what the test waited for"
+            );
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Delivers a datagram to `socket` from `from`.
+    pub fn deliver(&self, socket: u32, from: SocketAddrV4, payload: &[u8]) {
+        let mut st = lock(&self.shared.state);
+        st.collect_rx(&self.link);
+        let pool = &self.link.rx_pool;
+        let i = st.rx_free.get().expect("the peer ran out of RX buffers");
+        pool.write(i, pool.headroom(), payload).unwrap();
+        let ev = AppEvent {
+            kind: event::DATAGRAM,
+            socket,
+            addr: u32::from(*from.ip()),
+            port: from.port(),
+            desc: pool.descriptor(i, payload.len() as u32),
+            ..AppEvent::default()
+        };
+        self.push_event(&mut st, ev);
+    }
+
+    /// Pushes any event (a forged one too) and rings the app.
+    pub fn event(&self, ev: AppEvent) {
+        let mut st = lock(&self.shared.state);
+        self.push_event(&mut st, ev);
+    }
+
+    /// An asynchronous error on `socket`.
+    pub fn error(&self, socket: u32, status: Status) {
+        self.event(AppEvent {
+            kind: event::ERROR,
+            socket,
+            status: status.code(),
+            ..AppEvent::default()
+        });
+    }
+
+    fn push_event(&self, st: &mut State, ev: AppEvent) {
+        st.ends.events.push(ev).unwrap();
+        self.app_bell.ring();
+    }
+
+    /// Answers the BINDs it kept silent on, successfully.
+    pub fn answer_unanswered(&self) -> Vec<u32> {
+        let mut st = lock(&self.shared.state);
+        let reqs = std::mem::take(&mut st.unanswered);
+        let mut sockets = Vec::new();
+        for r in reqs {
+            let ev = st.bind(&r);
+            sockets.push(ev.socket);
+            st.ends.events.push(ev).unwrap();
+        }
+        self.app_bell.ring();
+        sockets
+    }
+
+    /// Hands back the SEND buffers it held.
+    pub fn release_held(&self) {
+        let mut st = lock(&self.shared.state);
+        st.hold_tx = false;
+        let held = std::mem::take(&mut st.held);
+        for i in held {
+            let d = self.link.tx_pool.descriptor(i, 0);
+            st.ends.tx_return.push(d).unwrap();
+        }
+        self.app_bell.ring();
+    }
+
+    /// Times the application parked on its doorbell.
+    pub fn app_parks(&self) -> u64 {
+        self.app_bell.parks()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl State {
+    fn collect_rx(&mut self, link: &AppLink) {
+        let n = self
+            .rx_free
+            .collect(
+                &link.rx_pool,
+                &mut self.ends.rx_return,
+                app_endpoint(APP),
+                usize::MAX,
+            )
+            .unwrap();
+        self.rx_returned += n;
+    }
+
+    fn bind(&mut self, r: &AppRequest) -> AppEvent {
+        let reply = |status: Status, socket: u32, addr: u32, port: u16| AppEvent {
+            kind: event::REPLY,
+            id: r.id,
+            socket,
+            status: status.code(),
+            addr,
+            port,
+            ..AppEvent::default()
+        };
+        if let Some(&s) = self.bind_fails.get(&r.port) {
+            return reply(s, 0, 0, 0);
+        }
+        if r.addr != 0 && r.addr != u32::from(KN) {
+            return reply(Status::AddrNotAvailable, 0, 0, 0);
+        }
+        if r.port != 0 && self.bound.values().any(|&p| p == r.port) {
+            return reply(Status::AddrInUse, 0, 0, 0);
+        }
+        let port = if r.port == 0 {
+            self.next_port += 1;
+            self.next_port
+        } else {
+            r.port
+        };
+        self.next_socket += 1;
+        self.bound.insert(self.next_socket, port);
+        reply(Status::Ok, self.next_socket, r.addr, port)
+    }
+
+    /// Serves every waiting request; true if it pushed anything for the app.
+    fn serve(&mut self, link: &AppLink) -> bool {
+        let mut buf = [AppRequest::default(); 16];
+        let mut pushed = false;
+        loop {
+            self.ends.requests.rewind();
+            let n = self.ends.requests.read(&mut buf).unwrap();
+            if n == 0 {
+                return pushed;
+            }
+            for r in &buf[..n] {
+                self.requests.push(*r);
+                match r.op {
+                    op::BIND if self.silent_ports.contains(&r.port) => {
+                        self.unanswered.push(*r);
+                    }
+                    op::BIND => {
+                        let ev = self.bind(r);
+                        self.ends.events.push(ev).unwrap();
+                        pushed = true;
+                    }
+                    op::CONNECT => {
+                        let ev = AppEvent {
+                            kind: event::REPLY,
+                            id: r.id,
+                            socket: r.socket,
+                            ..AppEvent::default()
+                        };
+                        self.ends.events.push(ev).unwrap();
+                        pushed = true;
+                    }
+                    op::SEND => {
+                        // Take the buffer before committing the slot that carried it.
+                        let b = link
+                            .tx_pool
+                            .take(&r.desc, app_endpoint(APP), UDP, &mut Retakes::none())
+                            .expect("a SEND with a bad descriptor");
+                        let mut payload = vec![0u8; b.len() as usize];
+                        link.tx_pool.read(&b, &mut payload);
+                        self.sends.push(Sent { req: *r, payload });
+                        if self.hold_tx {
+                            self.held.push(b.index());
+                        } else {
+                            let d = link.tx_pool.descriptor(b.index(), 0);
+                            self.ends.tx_return.push(d).unwrap();
+                            pushed = true;
+                        }
+                    }
+                    op::CLOSE => {
+                        self.bound.remove(&r.socket);
+                        self.closes.push(r.socket);
+                    }
+                    _ => {}
+                }
+            }
+            self.ends.requests.commit(n).unwrap();
+        }
+    }
+}

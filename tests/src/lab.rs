@@ -1,0 +1,176 @@
+//! A lab for end-to-end tests against the Linux kernel over TAP: a unique namespace, instance
+//! and runtime directory per test, torn down on every exit path (Drop). Needs root; without it
+//! [`root_or_skip`] says so loudly and the test skips, except under CI=true where it fails.
+//! All traffic stays inside the namespace the lab creates, on 198.18.0.0/15.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// keepnet's address in a lab with the default config.
+pub const KEEPNET_IP: &str = "198.18.0.2";
+/// keepnet's MAC with the default config.
+pub const KEEPNET_MAC: &str = "02:6b:6e:00:00:02";
+
+/// True if running as root; otherwise prints a loud skip notice and returns false, or
+/// panics under CI=true (CI must not skip).
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root, and CI=true forbids skipping");
+    }
+    eprintln!("\n*** SKIPPED {test}: needs root (TAP devices and network namespaces) ***\n");
+    false
+}
+
+/// The directory holding the workspace's binaries (`target/<profile>`), found from the
+/// running test executable (`target/<profile>/deps/NAME-HASH`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of workspace binary `name`, checked to be built.
+pub fn binary(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{name} is not built in {}: run `cargo test --workspace` (it builds every binary)",
+        bin_dir().display()
+    );
+    p
+}
+
+fn servers_built(keepnet: &Path) {
+    let dir = keepnet.parent().expect("binary dir");
+    for b in ["keepnet-driver", "keepnet-ip", "keepnet-udp", "keepnet-service"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{b} is not built beside keepnet: run `cargo test --workspace` (it builds every server)"
+        );
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A lab: a unique namespace, instance and runtime directory, torn down on every exit path.
+pub struct Lab {
+    pub ns: String,
+    pub instance: String,
+    pub config: PathBuf,
+    pub run_dir: PathBuf,
+    pub keepnet: PathBuf,
+    up: bool,
+}
+
+impl Lab {
+    /// A lab whose config is `instance = ...` followed by `extra_config`, run with the
+    /// `keepnet` binary at `keepnet`.
+    pub fn with_binary(keepnet: &Path, tag: &str, extra_config: &str) -> Lab {
+        servers_built(keepnet);
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}-{}-{n}", tag, std::process::id());
+        let run_dir = std::env::temp_dir().join(format!("kn-run-{id}"));
+        std::fs::create_dir_all(&run_dir).expect("create run dir");
+        let config = run_dir.join("keepnet.toml");
+        std::fs::write(&config, format!("instance = \"{id}\"\n{extra_config}"))
+            .expect("write config");
+        Lab {
+            ns: format!("kn-{id}"),
+            instance: id,
+            config,
+            run_dir,
+            keepnet: keepnet.to_path_buf(),
+            up: false,
+        }
+    }
+
+    /// [`Lab::with_binary`] with the workspace's `keepnet`.
+    pub fn new(tag: &str, extra_config: &str) -> Lab {
+        Lab::with_binary(&binary("keepnet"), tag, extra_config)
+    }
+
+    /// Runs `keepnet ARGS --config CONFIG` against this lab, echoing what it printed.
+    pub fn keepnet(&self, args: &[&str]) -> Output {
+        let out = Command::new(&self.keepnet)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("KEEPNET_RUN_DIR", &self.run_dir)
+            .output()
+            .expect("run keepnet");
+        eprintln!(
+            "$ keepnet {} -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `keepnet up --netns NS`, asserting success.
+    pub fn up(&mut self) {
+        let ns = self.ns.clone();
+        let out = self.keepnet(&["up", "--netns", &ns]);
+        assert!(out.status.success(), "keepnet up failed");
+        self.up = true;
+    }
+
+    /// Runs `cmd` inside the lab's namespace (the kernel side).
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// A command for an application on keepnet attached to this lab's instance.
+    pub fn app_command(&self, bin: &Path) -> Command {
+        let mut c = Command::new(bin);
+        c.env("KEEPNET_RUN_DIR", &self.run_dir)
+            .env("KEEPNET_INSTANCE", &self.instance);
+        c
+    }
+
+    /// `keepnet status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.keepnet(&["status", "--json"]);
+        assert!(out.status.success(), "status failed");
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.up {
+            let _ = self.keepnet(&["down"]);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Server `name` in a status report.
+pub fn server<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no server {name} in status"))
+}
+
+/// Counter `name` of server `srv` (`drop.X` is looked up among the drops too).
+pub fn counter(st: &serde_json::Value, srv: &str, name: &str) -> u64 {
+    let s = server(st, srv);
+    s["counters"][name]
+        .as_u64()
+        .or_else(|| s["drops"][name.trim_start_matches("drop.")].as_u64())
+        .unwrap_or(0)
+}

@@ -503,9 +503,9 @@ fn send_from(
         if send_slot_ok(&slot, protocol, our) {
             let dst = Ipv4Addr::from(slot.dst);
             if slot.kind == DatagramSlot::KIND_UNREACHABLE {
-                match stack.send_unreachable(now, dst, slot.icmp_code, payload, |f| {
-                    em.emit(f, &mut None)
-                }) {
+                match stack
+                    .send_unreachable(now, dst, slot.icmp_code, payload, |f| em.emit(f, &mut None))
+                {
                     Ok(()) => counters.sent.inc(),
                     Err(SendError::NoRoute) => counters.send_no_route.inc(),
                     Err(SendError::TooBig) => counters.send_bad.inc(),

@@ -152,8 +152,8 @@ impl Port {
         let pool = &self.link.deliver_pool;
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
         let hlen = u32::try_from(header.len()).unwrap_or(u32::MAX);
-        let header_ok = hlen <= pool.headroom()
-            && pool.write(i, pool.headroom() - hlen, header).is_ok();
+        let header_ok =
+            hlen <= pool.headroom() && pool.write(i, pool.headroom() - hlen, header).is_ok();
         slot.header_len = if header_ok { hlen } else { 0 };
         if pool.write(i, pool.headroom(), payload).is_err() {
             // Larger than a buffer: cannot happen for an IPv4 payload.

@@ -140,7 +140,10 @@ impl Status {
             Status::NotConnected => (K::NotConnected, "socket is not connected"),
             Status::NoSockets => (K::OutOfMemory, "the udp server's socket table is full"),
             Status::BadSocket => (K::InvalidInput, "not a socket of this application"),
-            Status::MessageTooLong => (K::InvalidInput, "message too long (UDP carries at most 65507 bytes)"),
+            Status::MessageTooLong => (
+                K::InvalidInput,
+                "message too long (UDP carries at most 65507 bytes)",
+            ),
             Status::HostUnreachable => (K::HostUnreachable, "host unreachable"),
             Status::NetworkUnreachable => (K::NetworkUnreachable, "network unreachable"),
             Status::Unsupported => (K::Unsupported, "operation not supported by the server"),
@@ -352,9 +355,7 @@ impl AppLink {
     /// mapping, so a server checks the app id against the one the supervisor told it.
     pub fn open(region: Region) -> Result<AppLink, WiringError> {
         let header = app_offsets(1, 1).header;
-        let magic = region
-            .atomic_u64(header + H_MAGIC)?
-            .load(Ordering::Acquire);
+        let magic = region.atomic_u64(header + H_MAGIC)?.load(Ordering::Acquire);
         if magic != APP_MAGIC {
             return Err(WiringError::NotTransportLink(magic));
         }
@@ -379,8 +380,7 @@ impl AppLink {
         let tx_pool = BufferPool::open(&region, off.tx_pool, APP_TX_POOL)?;
         let rx_pool = BufferPool::open(&region, off.rx_pool, APP_RX_POOL)?;
         for (what, pool, n) in [("tx pool", &tx_pool, tx), ("rx pool", &rx_pool, rx)] {
-            if pool.count() != n || pool.buf_size() != APP_BUF || pool.headroom() != APP_HEADROOM
-            {
+            if pool.count() != n || pool.buf_size() != APP_BUF || pool.headroom() != APP_HEADROOM {
                 return Err(WiringError::TransportMismatch {
                     what,
                     found: pool.count(),

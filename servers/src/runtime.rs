@@ -64,7 +64,9 @@ pub trait Server {
     /// The supervisor queued messages on the server's hotplug socket (fd `hotplug`, see
     /// [`crate::app`]); read them. Returns how many were handled. Servers without one refuse.
     fn hotplug(&mut self) -> Result<u64, ServerError> {
-        Err(ServerError::Fatal("this server takes no hotplug messages".into()))
+        Err(ServerError::Fatal(
+            "this server takes no hotplug messages".into(),
+        ))
     }
 
     /// Serializes private state (called while quiesced, at a batch boundary). Use

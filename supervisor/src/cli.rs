@@ -74,9 +74,9 @@ pub enum BenchTarget {
     ///
     /// Rounds alternate between keepnet and Linux; each figure is the median across rounds,
     /// and ratios are keepnet / Linux. Every echo is checked byte for byte; losses, resends
-    /// and mismatches are reported. With the defaults it takes well under a minute; progress
-    /// goes to stderr. Runs `sockperf ping-pong` as a cross-check where sockperf is
-    /// installed.
+    /// and mismatches are reported. Progress goes to stderr; the Linux side takes a few
+    /// seconds, and the whole run is bounded (see --count). Runs `sockperf ping-pong` as a
+    /// cross-check where sockperf is installed.
     Udp(UdpArgs),
 }
 

@@ -447,7 +447,9 @@ mod tests {
             .to_string()
             .contains("two services"));
         let typo = "[[services]]\nname = \"a\"\nargz = []\n";
-        let e = Config::parse(typo, Path::new("k.toml")).unwrap_err().to_string();
+        let e = Config::parse(typo, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("argz"), "{e}");
     }
 }

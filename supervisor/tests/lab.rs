@@ -70,7 +70,7 @@ fn kernel_pings_keepnet_over_tap() {
     );
 
     let st = lab.status();
-    for name in ["driver", "ip"] {
+    for name in ["driver", "ip", "udp"] {
         let s = server(&st, name);
         assert!(s["pid"].as_u64().unwrap_or(0) > 0, "{name} pid");
         assert!(s["core"].is_u64(), "{name} core");
@@ -158,14 +158,22 @@ fn down_leaves_nothing_behind() {
     let mut lab = Lab::new("down", "");
     lab.up();
     let st = lab.status();
-    let pids: Vec<i32> = ["driver", "ip"]
+    let mut pids: Vec<i32> = ["driver", "ip", "udp"]
         .iter()
         .map(|n| server(&st, n)["pid"].as_u64().unwrap_or(0) as i32)
         .collect();
+    // The services too.
+    for svc in st["services"].as_array().expect("services in status") {
+        pids.push(svc["pid"].as_u64().unwrap_or(0) as i32);
+    }
+    assert!(
+        pids.iter().all(|&p| p > 0),
+        "every process has a pid: {pids:?}"
+    );
     let sup = st["supervisor_pid"].as_u64().unwrap_or(0) as i32;
     let out = lab.keepnet(&["down"]);
     assert!(out.status.success());
-    lab.up = false;
+    lab.mark_down();
     for pid in pids.into_iter().chain([sup]) {
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
         assert!(!alive, "process {pid} still runs after down");

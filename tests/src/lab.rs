@@ -49,7 +49,12 @@ pub fn binary(name: &str) -> PathBuf {
 
 fn servers_built(keepnet: &Path) {
     let dir = keepnet.parent().expect("binary dir");
-    for b in ["keepnet-driver", "keepnet-ip", "keepnet-udp", "keepnet-service"] {
+    for b in [
+        "keepnet-driver",
+        "keepnet-ip",
+        "keepnet-udp",
+        "keepnet-service",
+    ] {
         assert!(
             dir.join(b).is_file(),
             "{b} is not built beside keepnet: run `cargo test --workspace` (it builds every server)"
@@ -121,6 +126,11 @@ impl Lab {
         let out = self.keepnet(&["up", "--netns", &ns]);
         assert!(out.status.success(), "keepnet up failed");
         self.up = true;
+    }
+
+    /// Records that the instance was stopped by the test itself (Drop will not `down` it).
+    pub fn mark_down(&mut self) {
+        self.up = false;
     }
 
     /// Runs `cmd` inside the lab's namespace (the kernel side).

@@ -131,7 +131,11 @@ fn kernel_echoes_10000_random_datagrams_through_keepnet() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_str(text.trim()).expect("probe JSON");
-    assert_eq!(r["mismatched"].as_u64(), Some(0), "every echo byte-identical");
+    assert_eq!(
+        r["mismatched"].as_u64(),
+        Some(0),
+        "every echo byte-identical"
+    );
     assert_eq!(r["lost"].as_u64(), Some(0), "every datagram echoed");
     assert_eq!(r["echoed_ok"].as_u64(), Some(10000));
     assert!(out.status.success());
@@ -192,7 +196,10 @@ fn closed_ports_are_refused_both_ways() {
         "too_long",
         "connection_refused",
     ] {
-        assert!(text.contains(&format!("ok {name}")), "{name} missing:\n{text}");
+        assert!(
+            text.contains(&format!("ok {name}")),
+            "{name} missing:\n{text}"
+        );
     }
 }
 
@@ -228,7 +235,9 @@ fn applications_own_their_ports_and_regions() {
     // Each application has a region of its own: the supervisor lists distinct ids.
     let st = lab.status();
     let apps = st["apps"].as_array().expect("apps in status");
-    assert!(apps.iter().any(|x| x["pid"].as_u64() == Some(u64::from(a.pid()))));
+    assert!(apps
+        .iter()
+        .any(|x| x["pid"].as_u64() == Some(u64::from(a.pid()))));
 
     // Killed without closing: the port is free again.
     let _ = a.child.kill();

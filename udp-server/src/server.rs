@@ -29,7 +29,8 @@
 //!    SEND_POOL buffer for `send`, and hands the app's buffer back on `tx_return`. With no
 //!    SEND_POOL buffer free the request stays on the ring (backpressure: the app blocks);
 //! 4. publish `send` and `deliver_return`, ring the ip server's doorbell once; publish each
-//!    application's `events` and `tx_return` and ring its `app_bell` once.
+//!    application's `events` and `tx_return`, then commit the requests just answered, and
+//!    ring its `app_bell` once.
 //!
 //! ## Buffers, crashes and restarts
 //!
@@ -38,6 +39,25 @@
 //! `Attach` for an application's region. A restarted server maps `udp.state`, so the
 //! sockets stay bound; the supervisor re-sends every live application's region and then
 //! `Live`.
+//!
+//! ### Requests across a restart
+//!
+//! A request is committed only once its answer is published, so a server killed before
+//! that leaves the request on the ring and its successor reads it again. Replaying is safe:
+//! a BIND the predecessor carried out is answered with the socket it made (found by the
+//! request id the table keeps with each socket) instead of failing with `AddrInUse`; a
+//! CLOSE of a socket already closed is answered `Ok`; a SEND whose buffer the predecessor
+//! already handed back went out, and is skipped; one whose buffer it had not is sent again
+//! (UDP may duplicate). An answer the predecessor did publish then reaches the application
+//! twice, and the library ignores a reply to no pending request. The requests in flight
+//! when an application is attached are taken for replays if a predecessor may have read
+//! them: when this server is not the first on its control block (its generation is not 0
+//! when it is built; the supervisor frees a dead server's ring claims, so the claim alone
+//! does not tell), or when its claim of the `requests` ring was a takeover. Taking a fresh
+//! request for a replay costs little: a BIND finds no socket made by its id and binds (ids
+//! are unique among an application's pending requests; only one reused after 2^32 requests
+//! while the socket it made still exists could be mistaken), a CLOSE of a socket that does
+//! not exist is answered `Ok`, and a SEND with a bad buffer is dropped without an answer.
 //!
 //! Each socket may have [`Config::rcvbuf`] datagrams delivered and not yet handed back. To
 //! count them across a restart, the server writes the owning socket's handle in the 8 bytes
@@ -59,7 +79,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
 
-use keepnet_ipc::{BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError};
+use keepnet_ipc::ring::Claim;
+use keepnet_ipc::{
+    BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError,
+};
 use keepnet_server::app::{
     event, op, AppEvent, AppLink, AppRequest, AppServerEnds, Hotplug, Status, APP_HEADROOM,
     APP_RX_POOL,
@@ -219,7 +242,10 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
         return Err(format!("addr: {a} is not a unicast host address"));
     }
     if !(1..=65536).contains(&j.rcvbuf) {
-        return Err(format!("rcvbuf: {} is outside 1..=65536 datagrams", j.rcvbuf));
+        return Err(format!(
+            "rcvbuf: {} is outside 1..=65536 datagrams",
+            j.rcvbuf
+        ));
     }
     let mut cfg = Config::new(a);
     cfg.rcvbuf = j.rcvbuf;
@@ -260,6 +286,11 @@ struct AppConn {
     blocked_on_send: bool,
     /// A ring of its region was found corrupt: detach at the end of the poll.
     broken: Option<RingError>,
+    /// Requests read and carried out this poll, committed once their answers are published.
+    uncommitted: usize,
+    /// Requests at the head of the ring that a predecessor may have carried out already
+    /// (module docs: replayed requests).
+    replay: usize,
 }
 
 fn read_tag(link: &AppLink, index: u32) -> Option<SocketId> {
@@ -284,7 +315,11 @@ fn read_tag(link: &AppLink, index: u32) -> Option<SocketId> {
 impl AppConn {
     /// Free slots on `events` beyond what is queued for it.
     fn event_room(&mut self) -> Result<usize, RingError> {
-        Ok(self.ends.events.free_slots()?.saturating_sub(self.events.len()))
+        Ok(self
+            .ends
+            .events
+            .free_slots()?
+            .saturating_sub(self.events.len()))
     }
 
     fn room_or_break(&mut self) -> usize {
@@ -398,6 +433,10 @@ impl AppConn {
             any |= pushed > 0;
             self.tx_returns.drain(..pushed);
         }
+        // Only now are the requests done with: their answers are out (module docs).
+        self.ends.requests.commit(self.uncommitted)?;
+        self.uncommitted = 0;
+        self.ends.requests.rewind();
         if any {
             self.app_bell.ring();
         }
@@ -453,6 +492,9 @@ pub struct UdpServer {
     mirror: Mirror,
     /// A datagram or payload copied out of shared memory.
     scratch: Vec<u8>,
+    /// Another server ran on this control block before: requests in flight at an attach
+    /// may have been carried out (module docs).
+    restarted: bool,
 }
 
 /// Private state handed to a live-update successor.
@@ -468,8 +510,7 @@ pub fn build(boot: &mut Boot) -> Result<UdpServer, ServerError> {
             "{CONFIG_ENV}: {e} (expected JSON such as {{\"addr\":\"198.18.0.2\",\"rcvbuf\":64}})"
         ))
     })?;
-    let cfg =
-        parse_config(&text).map_err(|e| ServerError::Fatal(format!("{CONFIG_ENV}: {e}")))?;
+    let cfg = parse_config(&text).map_err(|e| ServerError::Fatal(format!("{CONFIG_ENV}: {e}")))?;
     let region = boot.region(TRANSPORT_REGION, RegionKind::RINGS)?;
     let link = TransportLink::open_for(region, PROTO_UDP, UDP)
         .map_err(|e| ServerError::Fatal(format!("{TRANSPORT_REGION} region: {e}")))?;
@@ -559,6 +600,8 @@ impl UdpServer {
             counters: ServerCounters::new(control),
             mirror: Mirror::new(control),
             scratch,
+            // The runtime bumps the generation when it starts running us, after this.
+            restarted: control.generation().get() > 0,
         })
     }
 
@@ -593,6 +636,13 @@ impl UdpServer {
             )));
         }
         let ends = link.server_ends()?;
+        // A predecessor that died may have carried out requests it did not commit.
+        let takeover = matches!(ends.requests.claim(), Claim::Takeover { .. });
+        let replay = if takeover || self.restarted {
+            link.requests()?.in_flight()?.len()
+        } else {
+            0
+        };
         let server_bell = link.server_bell()?;
         let app_bell = link.app_bell()?;
         let (outgoing, incoming) = link.server_in_flight()?;
@@ -624,6 +674,7 @@ impl UdpServer {
             rx_free = rx_free.len(),
             tx_returned = tx_returns.len(),
             outstanding,
+            replay,
             "application attached"
         );
         self.apps.insert(
@@ -643,6 +694,8 @@ impl UdpServer {
                 errors_due,
                 blocked_on_send: false,
                 broken: None,
+                uncommitted: 0,
+                replay,
             },
         );
         Ok(true)
@@ -694,7 +747,10 @@ impl UdpServer {
         match msg {
             Hotplug::Attach { app, pid } => {
                 if fds.len() != 1 {
-                    return Err(format!("attach of app {app} came with {} fds, not 1", fds.len()));
+                    return Err(format!(
+                        "attach of app {app} came with {} fds, not 1",
+                        fds.len()
+                    ));
                 }
                 let Some(fd) = fds.pop() else {
                     return Err(format!("attach of app {app} came with no fd"));
@@ -817,7 +873,13 @@ impl UdpServer {
     }
 
     /// Copies `scratch[payload]` into a buffer of `app`'s RX pool and queues the event.
-    fn hand_to_app(&mut self, app: u32, socket: SocketId, from: SocketAddrV4, payload: Range<usize>) {
+    fn hand_to_app(
+        &mut self,
+        app: u32,
+        socket: SocketId,
+        from: SocketAddrV4,
+        payload: Range<usize>,
+    ) {
         let UdpServer {
             apps,
             engine,
@@ -924,18 +986,25 @@ impl UdpServer {
                 break;
             }
             used += 1;
+            let replayed = conn.replay > 0;
+            conn.replay = conn.replay.saturating_sub(1);
             let answer = match req.op {
                 op::BIND => {
                     let local = SocketAddrV4::new(Ipv4Addr::from(req.addr), req.port);
-                    Some(match engine.bind(app, local) {
-                        Ok((id, bound)) => AppEvent {
-                            socket: id,
-                            addr: u32::from(*bound.ip()),
-                            port: bound.port(),
-                            ..reply(req, Status::Ok)
+                    // Replayed: the predecessor may have bound it already; answer with that
+                    // socket rather than bind twice (and fail with AddrInUse).
+                    let done = engine.find_bind(app, req.id).filter(|_| replayed);
+                    Some(
+                        match done.map_or_else(|| engine.bind(app, local, req.id), Ok) {
+                            Ok((id, bound)) => AppEvent {
+                                socket: id,
+                                addr: u32::from(*bound.ip()),
+                                port: bound.port(),
+                                ..reply(req, Status::Ok)
+                            },
+                            Err(st) => reply(req, st),
                         },
-                        Err(st) => reply(req, st),
-                    })
+                    )
                 }
                 op::CONNECT => {
                     let remote = SocketAddrV4::new(Ipv4Addr::from(req.addr), req.port);
@@ -943,12 +1012,19 @@ impl UdpServer {
                     Some(reply(req, st.unwrap_or(Status::Ok)))
                 }
                 op::SEND => {
-                    let st = send_one(conn, engine, link, send_free, send_batch, scratch, counters, req);
-                    (req.id != 0).then(|| reply(req, st))
+                    let st = send_one(
+                        conn, engine, link, send_free, send_batch, scratch, counters, req, replayed,
+                    );
+                    st.filter(|_| req.id != 0).map(|st| reply(req, st))
                 }
                 op::CLOSE => {
-                    let st = engine.close(app, req.socket).err();
-                    (req.id != 0).then(|| reply(req, st.unwrap_or(Status::Ok)))
+                    let st = match engine.close(app, req.socket) {
+                        Ok(()) => Status::Ok,
+                        // Replayed: the predecessor closed it already.
+                        Err(Status::BadSocket) if replayed => Status::Ok,
+                        Err(st) => st,
+                    };
+                    (req.id != 0).then(|| reply(req, st))
                 }
                 _ => {
                     counters.app_bad.inc();
@@ -959,8 +1035,8 @@ impl UdpServer {
                 conn.events.push(ev);
             }
         }
-        conn.ends.requests.commit(used)?;
-        conn.ends.requests.rewind();
+        // Committed once the answers are published (`AppConn::publish`).
+        conn.uncommitted = used;
         work += used as u64;
         Ok(work)
     }
@@ -1010,7 +1086,9 @@ impl UdpServer {
     }
 }
 
-/// Sends one request's payload (module docs, step 3); returns the status to answer with.
+/// Sends one request's payload (module docs, step 3); returns the status to answer with,
+/// or None for a replayed send whose buffer the predecessor already handed back (it was
+/// sent, and answered).
 #[allow(clippy::too_many_arguments)]
 fn send_one(
     conn: &mut AppConn,
@@ -1021,17 +1099,19 @@ fn send_one(
     scratch: &mut [u8],
     counters: &ServerCounters,
     req: &AppRequest,
-) -> Status {
+    replayed: bool,
+) -> Option<Status> {
     let r = match conn
         .link
         .tx_pool
         .take(&req.desc, conn.endpoint, UDP, &mut conn.tx_retakes)
     {
         Ok(r) => r,
+        Err(_) if replayed => return None,
         Err(e) => {
             counters.app_bad.inc();
             warn!(app = conn.app, %e, "bad send descriptor refused");
-            return Status::InvalidInput;
+            return Some(Status::InvalidInput);
         }
     };
     let len = conn.link.tx_pool.read(&r, scratch);
@@ -1042,12 +1122,12 @@ fn send_one(
     let dst = SocketAddrV4::new(Ipv4Addr::from(req.addr), req.port);
     let out = match engine.send(conn.app, req.socket, dst, payload) {
         Ok(o) => o,
-        Err(st) => return st,
+        Err(st) => return Some(st),
     };
     let Some(i) = send_free.get() else {
         // Checked by the caller before taking the request.
         counters.send_full.inc();
-        return Status::Ok;
+        return Some(Status::Ok);
     };
     let pool = &link.send_pool;
     let h = pool.headroom();
@@ -1056,7 +1136,7 @@ fn send_one(
     {
         send_free.put(i);
         counters.send_full.inc();
-        return Status::MessageTooLong;
+        return Some(Status::MessageTooLong);
     }
     send_batch.push(DatagramSlot {
         desc: pool.span(i, h, (UDP_HEADER + payload.len()) as u32),
@@ -1066,7 +1146,7 @@ fn send_one(
         kind: DatagramSlot::KIND_DATAGRAM,
         ..DatagramSlot::default()
     });
-    Status::Ok
+    Some(Status::Ok)
 }
 
 impl Server for UdpServer {
@@ -1179,8 +1259,12 @@ mod tests {
         assert_eq!(c.rcvbuf, DEFAULT_RCVBUF);
         let e = parse_config(r#"{"addr":"198.18.0.2","rcvbuff":8}"#).unwrap_err();
         assert!(e.contains("unknown field `rcvbuff`"), "{e}");
-        assert!(parse_config(r#"{"rcvbuf":8}"#).unwrap_err().contains("addr"));
-        assert!(parse_config(r#"{"addr":"0.0.0.0"}"#).unwrap_err().contains("addr"));
+        assert!(parse_config(r#"{"rcvbuf":8}"#)
+            .unwrap_err()
+            .contains("addr"));
+        assert!(parse_config(r#"{"addr":"0.0.0.0"}"#)
+            .unwrap_err()
+            .contains("addr"));
         assert!(parse_config(r#"{"addr":"198.18.0.2","rcvbuf":0}"#)
             .unwrap_err()
             .contains("rcvbuf"));

@@ -20,6 +20,7 @@
 //! | 1 `local` | 0..32, 32..48 | local IPv4 address (host order), local port |
 //! | 2 `remote` | 0..32, 32..48, 48 | remote address, remote port, connected |
 //! | 3 `error` | 0..32 | pending error ([`keepnet_server::app::Status`] code, 0: none) |
+//! | | 32..64 | id of the application's BIND request that made the socket |
 //!
 //! ## Crash consistency
 //!
@@ -29,6 +30,9 @@
 //! killed at any instruction therefore leaves every entry either as it was before the change
 //! or as it is after it, which the property test at the end of this module checks by cutting
 //! each change at every word.
+//!
+//! The BIND request id lets a restarted server answer a bind its predecessor carried out but
+//! died before committing (`crate::server`: requests replayed after a restart).
 //!
 //! A socket's handle (the `socket` field apps see) is `generation << 16 | slot`: the
 //! generation, bumped each time the slot is reused, keeps a stale handle from naming a new
@@ -77,6 +81,8 @@ pub struct Record {
     pub remote: Option<SocketAddrV4>,
     /// Pending asynchronous error (a [`keepnet_server::app::Status`] code), 0 if none.
     pub error: u32,
+    /// The id of the application's BIND request that made the socket.
+    pub bind_id: u32,
 }
 
 /// One slot of a table: its generation, and the socket in it if any.
@@ -238,6 +244,7 @@ fn decode(w: [u64; WORDS]) -> SlotState {
             local: decode_addr(w[1]),
             remote: (w[2] & CONNECTED != 0).then(|| decode_addr(w[2])),
             error: w[3] as u32,
+            bind_id: (w[3] >> 32) as u32,
         }),
     }
 }
@@ -314,7 +321,10 @@ impl SocketTable {
             _ => return Err(StateError::BadCapacity(cap)),
         };
         let need = ENTRIES + capacity as usize * ENTRY;
-        if region.ptr_at(ENTRIES, capacity as usize * ENTRY, 8).is_err() {
+        if region
+            .ptr_at(ENTRIES, capacity as usize * ENTRY, 8)
+            .is_err()
+        {
             return Err(StateError::TooSmall {
                 capacity,
                 need,
@@ -338,22 +348,24 @@ impl SocketTable {
         ENTRIES + slot as usize * ENTRY + word * 8
     }
 
-    fn word(&self, at: usize) -> &AtomicU64 {
-        match self.region.atomic_u64(at) {
-            Ok(w) => w,
-            // Offsets come from `at` with slot < capacity, checked against the region in
-            // `open`/`create`.
-            Err(_) => unreachable!("socket table offsets are validated when the table opens"),
-        }
+    /// The word at `at`. Offsets come from [`SocketTable::at`] with a slot below the
+    /// capacity, which `open`/`create` checked against the region, so this never fails;
+    /// were it to, a load reads 0 (a free slot) and a store does nothing.
+    fn word(&self, at: usize) -> Option<&AtomicU64> {
+        self.region.atomic_u64(at).ok()
+    }
+
+    fn load_word(&self, at: usize, order: Ordering) -> u64 {
+        self.word(at).map_or(0, |w| w.load(order))
     }
 
     fn read(&self, slot: u32) -> [u64; WORDS] {
         let mut w = [0u64; WORDS];
         if slot < self.capacity {
             // Sync point: Acquire on `head` pairs with the Release that published the entry.
-            w[0] = self.word(Self::at(slot, 0)).load(Ordering::Acquire);
+            w[0] = self.load_word(Self::at(slot, 0), Ordering::Acquire);
             for (i, v) in w.iter_mut().enumerate().skip(1) {
-                *v = self.word(Self::at(slot, i)).load(Ordering::Acquire);
+                *v = self.load_word(Self::at(slot, i), Ordering::Acquire);
             }
         }
         w
@@ -366,7 +378,7 @@ impl SocketTable {
         for slot in 0..self.capacity {
             for _ in 0..16 {
                 let w = self.read(slot);
-                let again = self.word(Self::at(slot, 0)).load(Ordering::Acquire);
+                let again = self.load_word(Self::at(slot, 0), Ordering::Acquire);
                 if again != w[0] {
                     continue;
                 }
@@ -387,12 +399,27 @@ impl SocketTable {
         out
     }
 
+    /// How many sockets application `app` has (for status).
+    pub fn app_socket_count(&self, app: u32) -> usize {
+        self.entries()
+            .iter()
+            .filter(|e| e.record.app == app)
+            .count()
+    }
+
+    /// Whether application `app` has at least one socket (a service is ready once it has
+    /// bound).
+    pub fn app_has_socket(&self, app: u32) -> bool {
+        self.entries().iter().any(|e| e.record.app == app)
+    }
+
     pub(crate) fn plan_publish(&self, slot: u32, gen: u16, r: &Record) -> Plan {
         let mut p = Plan::new();
         if slot < self.capacity {
             p.push(Self::at(slot, 1), encode_addr(r.local), false);
             p.push(Self::at(slot, 2), encode_remote(r.remote), false);
-            p.push(Self::at(slot, 3), u64::from(r.error), false);
+            let w3 = u64::from(r.error) | (u64::from(r.bind_id) << 32);
+            p.push(Self::at(slot, 3), w3, false);
             // Last, with Release: publishes the three words above.
             let head = IN_USE | (u64::from(gen) << 32) | u64::from(r.app);
             p.push(Self::at(slot, 0), head, true);
@@ -404,7 +431,7 @@ impl SocketTable {
         let mut p = Plan::new();
         if slot < self.capacity {
             // First and only: the in-use bit goes, the generation stays.
-            let head = self.word(Self::at(slot, 0)).load(Ordering::Relaxed);
+            let head = self.load_word(Self::at(slot, 0), Ordering::Relaxed);
             p.push(Self::at(slot, 0), head & !IN_USE & (0xffff << 32), true);
         }
         p
@@ -421,7 +448,13 @@ impl SocketTable {
     pub(crate) fn plan_error(&self, slot: u32, code: u32) -> Plan {
         let mut p = Plan::new();
         if slot < self.capacity {
-            p.push(Self::at(slot, 3), u64::from(code), true);
+            // One store; the bind id in the high half stays (we are the only writer).
+            let w3 = self.load_word(Self::at(slot, 3), Ordering::Relaxed);
+            p.push(
+                Self::at(slot, 3),
+                (w3 & !0xffff_ffff) | u64::from(code),
+                true,
+            );
         }
         p
     }
@@ -435,7 +468,9 @@ impl SocketTable {
             } else {
                 Ordering::Relaxed
             };
-            self.word(w.at).store(w.value, order);
+            if let Some(word) = self.word(w.at) {
+                word.store(w.value, order);
+            }
         }
     }
 }
@@ -472,6 +507,7 @@ mod tests {
             local: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
             remote: None,
             error: 0,
+            bind_id: 9,
         }
     }
 
@@ -490,6 +526,11 @@ mod tests {
         assert_eq!(e[0].socket, handle(3, 1));
         assert_eq!(e[0].record.remote, Some(peer));
         assert_eq!(e[0].record.error, 4);
+        assert_eq!(
+            (again.app_socket_count(7), again.app_socket_count(8)),
+            (1, 0)
+        );
+        assert!(again.app_has_socket(7) && !again.app_has_socket(8));
         t.retract(3);
         assert!(again.entries().is_empty());
         assert_eq!(again.load()[3].gen, 1, "generation survives a close");
@@ -539,15 +580,25 @@ mod tests {
             (any::<u32>(), 1u16..).prop_map(|(a, p)| Some(SocketAddrV4::new(a.into(), p)))
         ];
         prop_oneof![
-            (slot.clone(), any::<u16>(), any::<u32>(), any::<u32>(), any::<u16>(), addr.clone(), any::<u32>())
-                .prop_map(|(s, g, app, a, p, remote, error)| Change::Publish(
+            (
+                slot.clone(),
+                any::<u16>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u16>(),
+                addr.clone(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(s, g, app, a, p, remote, error, bind_id)| Change::Publish(
                     s,
                     g,
                     Record {
                         app,
                         local: SocketAddrV4::new(a.into(), p),
                         remote,
-                        error
+                        error,
+                        bind_id,
                     }
                 )),
             slot.clone().prop_map(Change::Retract),
@@ -612,7 +663,10 @@ mod tests {
 
     fn c_slot(c: &Change) -> &u32 {
         match c {
-            Change::Publish(s, ..) | Change::Retract(s) | Change::Remote(s, _) | Change::Error(s, _) => s,
+            Change::Publish(s, ..)
+            | Change::Retract(s)
+            | Change::Remote(s, _)
+            | Change::Error(s, _) => s,
         }
     }
 }

@@ -213,9 +213,7 @@ impl Quote {
 pub fn ipv4_header_ok(header: &[u8]) -> bool {
     match header.first() {
         Some(&b) => {
-            b >> 4 == 4
-                && usize::from(b & 0x0f) * 4 == header.len()
-                && header.len() >= IPV4_HEADER
+            b >> 4 == 4 && usize::from(b & 0x0f) * 4 == header.len() && header.len() >= IPV4_HEADER
         }
         None => false,
     }
@@ -251,7 +249,10 @@ mod tests {
 
     #[test]
     fn length_field_is_checked() {
-        assert_eq!(UdpPacket::new_checked(&[0; 7]).unwrap_err(), WireError::Short(7));
+        assert_eq!(
+            UdpPacket::new_checked(&[0; 7]).unwrap_err(),
+            WireError::Short(7)
+        );
         let mut d = [0u8; 12];
         d[5] = 7;
         assert!(matches!(

@@ -68,7 +68,7 @@ pub struct ProbeArgs {
     pub retries: u32,
     /// Wall-time limit of the whole run; what is still in flight then counts as lost, what
     /// was never sent as unsent.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 300.0)]
     pub max_seconds: f64,
     /// Local address to bind (default: any address, an ephemeral port).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -771,10 +771,7 @@ mod tests {
     }
 
     /// Drives a tracker against a fake server that echoes what `f` makes of each datagram.
-    fn drive(
-        t: &mut Tracker,
-        mut f: impl FnMut(&[u8]) -> Vec<Vec<u8>>,
-    ) -> Vec<Echo> {
+    fn drive(t: &mut Tracker, mut f: impl FnMut(&[u8]) -> Vec<Vec<u8>>) -> Vec<Echo> {
         let mut wire: Vec<Vec<u8>> = Vec::new();
         let mut seen = Vec::new();
         // A virtual clock: one second passes per step, so everything in flight is overdue
@@ -784,10 +781,13 @@ mod tests {
             if t.finished() {
                 break;
             }
-            t.fill(|| clock, |p| {
-                wire.extend(f(p));
-                Ok(())
-            })
+            t.fill(
+                || clock,
+                |p| {
+                    wire.extend(f(p));
+                    Ok(())
+                },
+            )
             .unwrap_or_else(|e| panic!("{e}"));
             for d in std::mem::take(&mut wire) {
                 seen.push(t.on_echo(&d, clock));
@@ -945,7 +945,8 @@ mod tests {
     #[test]
     fn abandon_counts_in_flight_as_lost_and_rest_as_unsent() {
         let mut t = Tracker::new(cfg(100, 64, 64, 16, 1));
-        t.fill(Instant::now, |_| Ok(())).unwrap_or_else(|e| panic!("{e}"));
+        t.fill(Instant::now, |_| Ok(()))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.abandon(), 84);
         assert_eq!(t.lost, 16);
         let s = t.summary(Instant::now(), 84, true);
@@ -955,7 +956,9 @@ mod tests {
     #[test]
     fn transient_send_errors_are_counted_and_fatal_ones_returned() {
         let mut t = Tracker::new(cfg(3, 64, 64, 1, 1));
-        let r = t.fill(Instant::now, |_| Err(std::io::Error::from_raw_os_error(nix::libc::ENOBUFS)));
+        let r = t.fill(Instant::now, |_| {
+            Err(std::io::Error::from_raw_os_error(nix::libc::ENOBUFS))
+        });
         assert!(r.is_ok());
         assert_eq!(t.transient_errors, 1);
         let r = t.expire(Instant::now() + Duration::from_secs(1), |_| {

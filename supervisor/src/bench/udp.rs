@@ -281,13 +281,15 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<(Option<ExitStatus>
     let mut child = Reaped(child);
     let deadline = Instant::now() + limit;
     let status = loop {
-        if let Some(st) = child.0.try_wait().with_context(|| format!("wait for {what}"))? {
+        if let Some(st) = child
+            .0
+            .try_wait()
+            .with_context(|| format!("wait for {what}"))?
+        {
             break Some(st);
         }
-        if interrupt::interrupted() {
-            // The guard kills and reaps it.
-            return interrupt::check().map(|()| (None, String::new(), String::new()));
-        }
+        // On an interrupt the guard kills and reaps it.
+        interrupt::check()?;
         if Instant::now() >= deadline {
             let _ = child.0.kill();
             let _ = child.0.wait();
@@ -466,7 +468,9 @@ fn sockperf(
     size: usize,
 ) -> Result<serde_json::Value> {
     let Some(bin) = which("sockperf") else {
-        eprintln!("bench udp: sockperf is not installed; skipping the sockperf ping-pong cross-check");
+        eprintln!(
+            "bench udp: sockperf is not installed; skipping the sockperf ping-pong cross-check"
+        );
         return Ok(serde_json::Value::Null);
     };
     eprintln!("bench udp: sockperf ping-pong cross-check ({size}-byte messages, 2 s each)");
@@ -527,10 +531,7 @@ fn print_table(r: &UdpReport) {
     println!(
         "{} requests per measurement at 1 outstanding, {} at 16; medians over {} of {} rounds \
          per target, alternating",
-        r.count,
-        r.count_16,
-        r.rounds_done,
-        r.rounds_planned
+        r.count, r.count_16, r.rounds_done, r.rounds_planned
     );
     println!(
         "{:<26} {:>6} {:>12} {:>12} {:>15}",
@@ -578,12 +579,7 @@ pub fn run(args: UdpArgs) -> Result<()> {
 
     eprintln!("bench udp: veth pair and Linux echo server at {linux_target}");
     let veth = Veth::new("bu")?;
-    let server = LinuxServer::start(
-        &exe,
-        &veth.b,
-        linux_target,
-        RUN_LIMIT.as_secs_f64() + 120.0,
-    )?;
+    let server = LinuxServer::start(&exe, &veth.b, linux_target, RUN_LIMIT.as_secs_f64() + 120.0)?;
     let inst = if args.baseline_only {
         eprintln!("bench udp: --baseline-only: no keepnet instance");
         None
@@ -676,7 +672,9 @@ pub fn run(args: UdpArgs) -> Result<()> {
 
     let sockperf = sockperf(
         &veth,
-        inst.as_ref().zip(keepnet_target).map(|(i, t)| (i.netns.as_str(), t)),
+        inst.as_ref()
+            .zip(keepnet_target)
+            .map(|(i, t)| (i.netns.as_str(), t)),
         args.size,
     )?;
     drop(server);
@@ -696,7 +694,10 @@ pub fn run(args: UdpArgs) -> Result<()> {
         linux_veth: integrity(&ms, Side::Linux),
         sockperf,
     };
-    eprintln!("bench udp: done in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "bench udp: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     if args.json {
         println!(
             "{}",
@@ -816,7 +817,10 @@ mod tests {
             },
         ];
         let k = integrity(&ms, Side::Keepnet);
-        assert_eq!((k.measurements, k.lost, k.retries, k.echoed_ok), (2, 4, 10, 20));
+        assert_eq!(
+            (k.measurements, k.lost, k.retries, k.echoed_ok),
+            (2, 4, 10, 20)
+        );
         assert_eq!(integrity(&ms, Side::Linux).lost, 0);
     }
 
@@ -835,9 +839,39 @@ mod tests {
         assert_eq!(a.sizes(), vec![64, 1400]);
         let a = parse(&["--with-1400", "--size", "1400"]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.sizes(), vec![1400]);
-        for bad in [&["--count", "0"][..], &["--size", "70000"], &["--rounds", "0"]] {
+        for bad in [
+            &["--count", "0"][..],
+            &["--size", "70000"],
+            &["--rounds", "0"],
+        ] {
             assert!(parse(bad).is_ok_and(|a| a.validate().is_err()), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn help_tells_the_truth() {
+        use clap::CommandFactory;
+        let help = P::command().render_long_help().to_string();
+        for needle in [
+            "--json",
+            "--count",
+            "[default: 5000]",
+            "4 times as many at 16",
+            "10 s",
+            "120 s",
+            "--size",
+            "[default: 64]",
+            "--with-1400",
+            "--rounds",
+            "[default: 3]",
+            "--baseline-only",
+        ] {
+            assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
+        assert_eq!(LOAD_FACTOR, 4);
+        assert_eq!((PROBE_LIMIT_S, RUN_LIMIT.as_secs()), (10.0, 120));
+        assert_eq!(LARGE_SIZE, 1400);
+        assert_eq!(LEVELS, [1, 16]);
     }
 
     #[test]

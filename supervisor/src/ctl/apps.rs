@@ -82,12 +82,23 @@ impl Apps {
         stream: UnixStream,
         drain: &mut dyn FnMut() -> bool,
     ) -> Result<u32, String> {
-        let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-            .map_err(|e| format!("SO_PEERCRED: {e}"))?;
+        let cred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| format!("SO_PEERCRED: {e}"))?;
         let app = self.next;
-        self.next = self.next.checked_add(1).ok_or("application ids exhausted")?;
-        let link = AppLink::create(&format!("{instance}-app{app}"), app, 17, UDP, APP_TX, APP_RX)
-            .map_err(|e| format!("application region: {e}"))?;
+        self.next = self
+            .next
+            .checked_add(1)
+            .ok_or("application ids exhausted")?;
+        let link = AppLink::create(
+            &format!("{instance}-app{app}"),
+            app,
+            17,
+            UDP,
+            APP_TX,
+            APP_RX,
+        )
+        .map_err(|e| format!("application region: {e}"))?;
         let pid = u32::try_from(cred.pid()).unwrap_or(0);
         let conn = AppConn {
             app,
@@ -105,7 +116,10 @@ impl Apps {
         if !drain() {
             // Undo: the server may still read the Attach later, so tell it to forget it.
             let _ = self.send(&Hotplug::Detach { app }, None, drain);
-            return Err("the udp server did not take the application (is it running? see `keepnet status`)".into());
+            return Err(
+                "the udp server did not take the application (is it running? see `keepnet status`)"
+                    .into(),
+            );
         }
         info!(app, pid, uid = cred.uid(), "application attached");
         self.conns.insert(app, conn);
@@ -140,6 +154,9 @@ impl Apps {
         };
         if let Err(e) = self.send(&live, None, drain) {
             warn!(%e, "could not send the live application list");
+        }
+        if !drain() {
+            warn!("the restarted udp server did not read its hotplug socket");
         }
     }
 

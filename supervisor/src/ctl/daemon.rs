@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_ipc::SpinPolicy;
-use keepnet_server::runtime::{supervisor_ends, RequestError};
 use keepnet_server::app::Attached;
+use keepnet_server::runtime::{supervisor_ends, RequestError};
 use keepnet_server::wiring::{Link, TransportLink, UDP};
 use keepnet_server::{
     boot, request, Command as Cmd, ControlBlock, ControlMsg, RunOptions, ServerState,
@@ -553,7 +553,15 @@ impl Daemon {
                         .services
                         .iter()
                         .filter(|s| !s.ready)
-                        .map(|s| format!("{} (log: {})", s.cfg.name, self.run_dir.join(format!("service-{}.log", s.cfg.name)).display()))
+                        .map(|s| {
+                            format!(
+                                "{} (log: {})",
+                                s.cfg.name,
+                                self.run_dir
+                                    .join(format!("service-{}.log", s.cfg.name))
+                                    .display()
+                            )
+                        })
                         .collect();
                     let msg = format!(
                         "services not ready after {SERVICES_READY:?}: {}",
@@ -593,11 +601,7 @@ impl Daemon {
                     .filter(|(p, _)| ready(p))
                     .map(|(_, fd)| *fd)
                     .collect();
-                (
-                    ready(&pfds[0]),
-                    listener.is_some() && ready(&pfds[1]),
-                    hung,
-                )
+                (ready(&pfds[0]), listener.is_some() && ready(&pfds[1]), hung)
             };
             if signalled {
                 while let Ok(Some(info)) = sfd.read_signal() {
@@ -646,7 +650,12 @@ impl Daemon {
                 continue;
             }
             let Some(pid) = svc.pid() else { continue };
-            let app = self.apps.conns.values().find(|c| c.pid == pid).map(|c| c.app);
+            let app = self
+                .apps
+                .conns
+                .values()
+                .find(|c| c.pid == pid)
+                .map(|c| c.app);
             svc.ready = app.is_some_and(|a| self.udp_state.app_has_socket(a));
         }
     }
@@ -685,9 +694,13 @@ impl Daemon {
     /// An application's control connection is readable: EOF (or an error) detaches it; any
     /// other bytes are ignored.
     fn app_readable(&mut self, fd: std::os::fd::RawFd) {
-        let Some(app) = self.apps.by_fd(fd) else { return };
+        let Some(app) = self.apps.by_fd(fd) else {
+            return;
+        };
         let gone = {
-            let Some(c) = self.apps.conns.get(&app) else { return };
+            let Some(c) = self.apps.conns.get(&app) else {
+                return;
+            };
             let _ = c.stream.set_nonblocking(true);
             let mut buf = [0u8; 256];
             match (&c.stream).read(&mut buf) {
@@ -730,12 +743,10 @@ impl Daemon {
         // constellation and mirroring its traffic are for root and the supervisor's own user.
         let privileged = matches!(req, Request::Down | Request::Link);
         if privileged {
-            let uid = nix::sys::socket::getsockopt(
-                &stream,
-                nix::sys::socket::sockopt::PeerCredentials,
-            )
-            .map(|c| c.uid())
-            .unwrap_or(u32::MAX);
+            let uid =
+                nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                    .map(|c| c.uid())
+                    .unwrap_or(u32::MAX);
             if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
                 send(
                     &stream,
@@ -809,7 +820,9 @@ impl Daemon {
         let mut drain = || hotplug_drain(&mut servers[udp]);
         match apps.attach(&instance, stream, &mut drain) {
             Ok(app) => {
-                let Some(conn) = self.apps.conns.get(&app) else { return };
+                let Some(conn) = self.apps.conns.get(&app) else {
+                    return;
+                };
                 let info = Attached {
                     app,
                     addr: self.opts.config.ip.addr.addr.to_string(),

@@ -103,7 +103,11 @@ pub fn run() -> Result<(), ClientError> {
     );
     println!(
         "udp echo: {}",
-        if udp_ok { "echoed byte for byte" } else { "NO OR WRONG ECHO" }
+        if udp_ok {
+            "echoed byte for byte"
+        } else {
+            "NO OR WRONG ECHO"
+        }
     );
     if ok && ok_big && udp_ok && gone {
         println!("demo: OK");

@@ -22,7 +22,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let code = match a.as_slice() {
-        ["hold", port, rest @ ..] => hold(port.parse().expect("port"), rest.contains(&"--no-close")),
+        ["hold", port, rest @ ..] => {
+            hold(port.parse().expect("port"), rest.contains(&"--no-close"))
+        }
         ["try-bind", port] => try_bind(port.parse().expect("port")),
         ["peek-other", pid] => peek_other(pid.parse().expect("pid")),
         ["checks", kernel] => checks(kernel.parse().expect("kernel address")),
@@ -92,7 +94,11 @@ fn peek_other(pid: u32) -> i32 {
         if !target.to_string_lossy().contains("memfd:") {
             continue;
         }
-        match std::fs::OpenOptions::new().read(true).write(true).open(e.path()) {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(e.path())
+        {
             Ok(_) => {
                 eprintln!("opened {}", target.display());
                 opened += 1;
@@ -140,11 +146,16 @@ fn checks(kernel: Ipv4Addr) -> i32 {
     let local = s.local_addr().expect("local_addr");
     c.check(
         "ephemeral_port",
-        if local.port() >= 1024 { Ok(()) } else { Err(format!("port {}", local.port())) },
+        if local.port() >= 1024 {
+            Ok(())
+        } else {
+            Err(format!("port {}", local.port()))
+        },
     );
 
     // Read timeout: TimedOut, after at least the timeout.
-    s.set_read_timeout(Some(Duration::from_millis(200))).expect("set timeout");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("set timeout");
     let t = Instant::now();
     let r = s.recv_from(&mut buf);
     let waited = t.elapsed();
@@ -176,32 +187,46 @@ fn checks(kernel: Ipv4Addr) -> i32 {
     s.set_nonblocking(false).expect("blocking");
 
     // A port taken by this very process.
-    c.check("addr_in_use", want_kind(UdpSocket::bind(local), ErrorKind::AddrInUse));
+    c.check(
+        "addr_in_use",
+        want_kind(UdpSocket::bind(local), ErrorKind::AddrInUse),
+    );
 
     // An address that is not keepnet's.
     c.check(
         "addr_not_available",
-        want_kind(UdpSocket::bind(("203.0.113.9", 0)), ErrorKind::AddrNotAvailable),
+        want_kind(
+            UdpSocket::bind(("203.0.113.9", 0)),
+            ErrorKind::AddrNotAvailable,
+        ),
     );
 
     // peer_addr before connect.
-    c.check("not_connected", want_kind(s.peer_addr(), ErrorKind::NotConnected));
+    c.check(
+        "not_connected",
+        want_kind(s.peer_addr(), ErrorKind::NotConnected),
+    );
 
     // Too long for UDP.
     let big = vec![0u8; 65508];
     let to = SocketAddr::from((kernel, 9));
-    c.check("too_long", want_kind(s.send_to(&big, to), ErrorKind::InvalidInput));
+    c.check(
+        "too_long",
+        want_kind(s.send_to(&big, to), ErrorKind::InvalidInput),
+    );
 
     // Connected to a closed port on the kernel side: the kernel's ICMP port unreachable
     // makes the next call fail with ConnectionRefused.
     let r = (|| -> Result<(), String> {
         let u = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
         u.connect((kernel, 4)).map_err(|e| e.to_string())?;
-        u.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
         u.send(b"anyone?").map_err(|e| e.to_string())?;
         want_kind(u.recv(&mut buf), ErrorKind::ConnectionRefused)?;
         // Reported once, then cleared.
-        u.set_read_timeout(Some(Duration::from_millis(100))).map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
         want_kind(u.recv(&mut buf), ErrorKind::TimedOut)
     })();
     c.check("connection_refused", r);

@@ -268,3 +268,102 @@ fn applications_own_their_ports_and_regions() {
     }
     let _ = std::io::stderr().flush();
 }
+
+/// Echo one datagram from the kernel side with socat; true if it came back unchanged.
+fn socat_echo(lab: &Lab, text: &str) -> bool {
+    let out = lab.exec(&[
+        "sh",
+        "-c",
+        &format!("printf '{text}' | socat -t 2 - UDP:{KEEPNET_IP}:7"),
+    ]);
+    String::from_utf8_lossy(&out.stdout) == text
+}
+
+/// Waits until `pred(status)` holds, at most `limit`.
+fn wait_status(lab: &Lab, limit: Duration, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let end = Instant::now() + limit;
+    loop {
+        let st = lab.status();
+        if pred(&st) {
+            return;
+        }
+        assert!(Instant::now() < end, "{what}: not within {limit:?}: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn service<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no service {name} in status"))
+}
+
+#[test]
+fn services_restart_and_sockets_survive_a_udp_server_crash() {
+    if !root_or_skip("services_restart_and_sockets_survive_a_udp_server_crash") {
+        return;
+    }
+    let _w = Watchdog::arm("udp restarts", Duration::from_secs(180));
+    let mut lab = Lab::new("udprestart", "");
+    lab.up();
+    assert!(socat_echo(&lab, "before"));
+
+    // A service that dies is started again, and serves again.
+    let st = lab.status();
+    let echo_pid = service(&st, "udp-echo")["pid"].as_u64().expect("echo pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(echo_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the echo service");
+    wait_status(
+        &lab,
+        Duration::from_secs(10),
+        "echo service restarted",
+        |st| {
+            let s = service(st, "udp-echo");
+            s["restarts"].as_u64() == Some(1) && s["state"] == "running"
+        },
+    );
+    assert!(socat_echo(&lab, "after the service restart"));
+
+    // The udp server dies: a fresh one keeps every bound socket, so the echo service (not
+    // restarted) serves on.
+    let st = lab.status();
+    let udp_pid = keepnet_tests::lab::server(&st, "udp")["pid"]
+        .as_u64()
+        .expect("udp pid") as i32;
+    let echo_pid = service(&st, "udp-echo")["pid"].as_u64();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(udp_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the udp server");
+    wait_status(
+        &lab,
+        Duration::from_secs(10),
+        "udp server restarted",
+        |st| {
+            let s = keepnet_tests::lab::server(st, "udp");
+            s["restarts"].as_u64() == Some(1)
+                && s["state"] == "running"
+                && s["generation"].as_u64() == Some(2)
+        },
+    );
+    // Up to a few datagrams in flight may be lost to the crash (UDP); then echo works.
+    let end = Instant::now() + Duration::from_secs(5);
+    while !socat_echo(&lab, "after the udp server restart") {
+        assert!(Instant::now() < end, "no echo after the udp server restart");
+    }
+    let st = lab.status();
+    assert_eq!(
+        service(&st, "udp-echo")["pid"].as_u64(),
+        echo_pid,
+        "the service was not restarted"
+    );
+    assert_eq!(service(&st, "udp-echo")["restarts"].as_u64(), Some(1));
+    // Its port is still taken.
+    let taken = run_app(&lab, &["try-bind", "7"]);
+    assert!(taken.starts_with("err AddrInUse"), "{taken}");
+}

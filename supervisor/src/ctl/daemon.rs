@@ -541,8 +541,8 @@ impl Daemon {
         let mut ready = Some(ready);
         let services_deadline = Instant::now() + SERVICES_READY;
         loop {
+            self.update_service_readiness();
             if ready.is_some() {
-                self.update_service_readiness();
                 if self.services.iter().all(|s| s.ready) {
                     info!("services ready");
                     if let Some(r) = ready.take() {
@@ -573,7 +573,11 @@ impl Daemon {
                     return Err(DaemonError::Shm(msg));
                 }
             }
-            let busy = ready.is_some() || self.services.iter().any(|s| s.next_start.is_some());
+            let busy = ready.is_some()
+                || self
+                    .services
+                    .iter()
+                    .any(|s| s.next_start.is_some() || !s.ready);
             let app_fds: Vec<std::os::fd::RawFd> = self
                 .apps
                 .conns

@@ -73,7 +73,47 @@ pub fn run() -> Result<(), ClientError> {
     if !echo_err.is_empty() {
         eprint!("{echo_err}");
     }
-    let udp_ok = echo_out == greeting;
+    step("UDP echo: 1000 datagrams of random sizes up to 65507 bytes (fragmented), each checked");
+    let exe = std::env::current_exe().map_err(|source| ClientError::Io {
+        what: "find the keepnet executable".into(),
+        source,
+    })?;
+    let target7 = format!("{target}:7");
+    let (probe_ok, probe_out, probe_err) = lab::netns_exec(
+        &netns,
+        &[
+            &exe.to_string_lossy(),
+            "__udp-probe",
+            "--target",
+            &target7,
+            "--count",
+            "1000",
+            "--min-size",
+            "0",
+            "--max-size",
+            "65507",
+            "--seed",
+            "1",
+            "--json",
+        ],
+    )
+    .map_err(|source| ClientError::Io {
+        what: "run the UDP probe".into(),
+        source,
+    })?;
+    match serde_json::from_str::<serde_json::Value>(probe_out.trim()) {
+        Ok(v) => println!(
+            "{} sent, {} echoed byte for byte, {} mismatched, {} lost, {:.1} MB each way in {:.2} s",
+            v["sent"],
+            v["echoed_ok"],
+            v["mismatched"],
+            v["lost"],
+            v["bytes_ok"].as_f64().unwrap_or(0.0) / 1e6,
+            v["duration_s"].as_f64().unwrap_or(0.0)
+        ),
+        Err(_) => print!("{probe_out}{probe_err}"),
+    }
+    let udp_ok = echo_out == greeting && probe_ok;
 
     step("the kernel's neighbour table: keepnet's MAC");
     if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {

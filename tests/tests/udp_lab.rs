@@ -106,6 +106,24 @@ fn kernel_echoes_10000_random_datagrams_through_keepnet() {
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello keepnet");
 
+    // A datagram sent with no checksum (SO_NO_CHECK: the field is 0, "none", RFC 768) is
+    // accepted and echoed.
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, 11, 1)\n\
+         s.settimeout(3)\n\
+         s.sendto(b'no checksum', ('{KEEPNET_IP}', 7))\n\
+         print(s.recv(100).decode())\n"
+    );
+    let out = lab.exec(&["python3", "-c", &script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "no checksum",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // 10,000 round trips, random sizes 0..=65507, random bytes, each reply checked.
     let keepnet = binary("keepnet");
     let target = format!("{KEEPNET_IP}:7");

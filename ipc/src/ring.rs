@@ -286,9 +286,26 @@ impl<T: Pod> Ring<T> {
     }
 
     /// Current (head, tail) as published, validated.
+    ///
+    /// Either side may be running while a third party (a restarting endpoint scanning its
+    /// rings, the supervisor, a test) reads the pair, and may move its index between the two
+    /// loads: a head read before the consumer advanced and a tail read after the producer
+    /// refilled would look like more than `capacity` in flight. So the head is read again
+    /// after the tail, and the pair is taken only if the head did not move meanwhile; then it
+    /// is a pair the ring really had (the producer never gets more than `capacity` ahead of
+    /// the head at any instant), and a bad one is corruption, not a race.
     pub fn indices(&self) -> Result<(u64, u64), RingError> {
-        let head = self.idx(HEAD).load(Ordering::Acquire);
-        let tail = self.idx(TAIL).load(Ordering::Acquire);
+        let mut head = self.idx(HEAD).load(Ordering::Acquire);
+        let mut tail = self.idx(TAIL).load(Ordering::Acquire);
+        for _ in 0..4096 {
+            let again = self.idx(HEAD).load(Ordering::Acquire);
+            if again == head {
+                break;
+            }
+            std::hint::spin_loop();
+            head = again;
+            tail = self.idx(TAIL).load(Ordering::Acquire);
+        }
         if tail.wrapping_sub(head) > self.capacity || tail > MAX_INDEX {
             return Err(self.corrupt(head, tail));
         }

@@ -131,3 +131,45 @@ fn yield_policy_yields_then_parks() {
         }
     }
 }
+
+/// A third party reading (head, tail) while both sides run never sees a torn pair as
+/// corruption (a restarting endpoint scans rings its running peer keeps moving).
+#[test]
+fn indices_read_while_both_sides_run_are_never_torn() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut l = RegionLayout::new();
+    let off = l.place(Ring::<u64>::size_in_region(8), Ring::<u64>::ALIGN);
+    let r = Region::create("torn", RegionKind::TEST, l.size()).unwrap();
+    let ring = Ring::<u64>::init(&r, off, 8, 9).unwrap();
+    let mut p = ring.producer().unwrap();
+    let mut c = ring.consumer().unwrap();
+    const N: u64 = 20_000_000;
+    let done = Arc::new(AtomicBool::new(false));
+    let prod = std::thread::spawn(move || {
+        let mut next = 0;
+        while next < N {
+            if p.push(next).is_ok() {
+                next += 1;
+            }
+        }
+    });
+    let d = done.clone();
+    let cons = std::thread::spawn(move || {
+        let mut got = 0;
+        let mut out = [0u64; 4];
+        while got < N {
+            got += c.pop_batch(&mut out).unwrap() as u64;
+        }
+        d.store(true, Ordering::Release);
+    });
+    let mut reads = 0u64;
+    while !done.load(Ordering::Acquire) && reads < 50_000_000 {
+        let (h, t) = ring.indices().expect("a consistent pair");
+        assert!(t >= h && t - h <= 8);
+        reads += 1;
+    }
+    prod.join().unwrap();
+    cons.join().unwrap();
+    assert_eq!(ring.corrupt_count(), 0);
+}

@@ -5,38 +5,10 @@
 //! Other drops count packets or datagrams the engine gave up on later (ARP never resolved,
 //! reassembly timed out, no route for something we originate).
 
-macro_rules! counters {
-    ($($id:ident => $name:literal, $frame:literal;)*) => {
-        /// A counter of the engine.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        #[repr(usize)]
-        pub enum Ctr {
-            $(#[doc = $name] $id,)*
-        }
-
-        impl Ctr {
-            /// Every counter, in display order.
-            pub const ALL: &'static [Ctr] = &[$(Ctr::$id,)*];
-
-            /// The counter's name.
-            pub const fn name(self) -> &'static str {
-                match self {
-                    $(Ctr::$id => $name,)*
-                }
-            }
-
-            /// True for the drop reasons a received frame can end in (each such drop also
-            /// bumps `rx.dropped`).
-            pub const fn is_frame_drop(self) -> bool {
-                match self {
-                    $(Ctr::$id => $frame,)*
-                }
-            }
-        }
-    };
-}
-
-counters! {
+keepnet_server::counter_set! {
+    /// True for the drop reasons a received frame can end in (each such drop also
+    /// bumps `rx.dropped`).
+    is_frame_drop;
     RxFrames => "rx.frames", false;
     RxBytes => "rx.bytes", false;
     RxHandled => "rx.handled", false;
@@ -90,46 +62,6 @@ counters! {
     DropArpUnresolved => "drop.arp_unresolved", false;
     DropArpQueueFull => "drop.arp_queue_full", false;
     DropTxTooBig => "drop.tx_too_big", false;
-}
-
-/// Values of every [`Ctr`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Counters([u64; Ctr::ALL.len()]);
-
-impl Default for Counters {
-    fn default() -> Self {
-        Counters([0; Ctr::ALL.len()])
-    }
-}
-
-impl Counters {
-    /// Adds `n` to `c`.
-    #[inline]
-    pub fn add(&mut self, c: Ctr, n: u64) {
-        if let Some(v) = self.0.get_mut(c as usize) {
-            *v = v.wrapping_add(n);
-        }
-    }
-    /// Adds one to `c`.
-    #[inline]
-    pub fn inc(&mut self, c: Ctr) {
-        self.add(c, 1)
-    }
-    /// Value of `c`.
-    pub fn get(&self, c: Ctr) -> u64 {
-        self.0.get(c as usize).copied().unwrap_or(0)
-    }
-    /// Value of the counter named `name` (0 if no such counter).
-    pub fn by_name(&self, name: &str) -> u64 {
-        Ctr::ALL
-            .iter()
-            .find(|c| c.name() == name)
-            .map_or(0, |c| self.get(*c))
-    }
-    /// Every counter with its name and value.
-    pub fn iter(&self) -> impl Iterator<Item = (Ctr, &'static str, u64)> + '_ {
-        Ctr::ALL.iter().map(|c| (*c, c.name(), self.get(*c)))
-    }
 }
 
 #[cfg(test)]

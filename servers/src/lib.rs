@@ -23,6 +23,7 @@ pub mod app;
 pub mod boot;
 pub mod codec;
 pub mod control;
+pub mod counters;
 pub mod runtime;
 pub mod telemetry;
 pub mod wiring;

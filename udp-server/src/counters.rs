@@ -4,37 +4,9 @@
 //! `rx.delivered` or in exactly one drop reason ([`Ctr::is_rx_drop`]). The server registers a
 //! few counters of its own besides these (see [`crate::server`]).
 
-macro_rules! counters {
-    ($($id:ident => $name:literal, $rx_drop:literal;)*) => {
-        /// A counter of the engine.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        #[repr(usize)]
-        pub enum Ctr {
-            $(#[doc = $name] $id,)*
-        }
-
-        impl Ctr {
-            /// Every counter, in display order.
-            pub const ALL: &'static [Ctr] = &[$(Ctr::$id,)*];
-
-            /// The counter's name.
-            pub const fn name(self) -> &'static str {
-                match self {
-                    $(Ctr::$id => $name,)*
-                }
-            }
-
-            /// True for the reasons a received datagram can be dropped for.
-            pub const fn is_rx_drop(self) -> bool {
-                match self {
-                    $(Ctr::$id => $rx_drop,)*
-                }
-            }
-        }
-    };
-}
-
-counters! {
+keepnet_server::counter_set! {
+    /// True for the reasons a received datagram can be dropped for.
+    is_rx_drop;
     RxDatagrams => "rx.datagrams", false;
     RxDelivered => "rx.delivered", false;
     RxBytes => "rx.bytes", false;
@@ -54,42 +26,6 @@ counters! {
     DropNoSocket => "drop.no_socket", true;
     DropRcvbufFull => "drop.rcvbuf_full", true;
     DropIcmpMalformed => "drop.icmp_malformed", false;
-}
-
-/// Values of every [`Ctr`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Counters([u64; Ctr::ALL.len()]);
-
-impl Default for Counters {
-    fn default() -> Self {
-        Counters([0; Ctr::ALL.len()])
-    }
-}
-
-impl Counters {
-    /// Adds `n` to `c`.
-    #[inline]
-    pub fn add(&mut self, c: Ctr, n: u64) {
-        if let Some(v) = self.0.get_mut(c as usize) {
-            *v = v.wrapping_add(n);
-        }
-    }
-    /// Adds one to `c`.
-    #[inline]
-    pub fn inc(&mut self, c: Ctr) {
-        self.add(c, 1)
-    }
-    /// Value of `c`.
-    pub fn get(&self, c: Ctr) -> u64 {
-        self.0.get(c as usize).copied().unwrap_or(0)
-    }
-    /// Value of the counter named `name` (0 if no such counter).
-    pub fn by_name(&self, name: &str) -> u64 {
-        Ctr::ALL
-            .iter()
-            .find(|c| c.name() == name)
-            .map_or(0, |c| self.get(*c))
-    }
 }
 
 #[cfg(test)]

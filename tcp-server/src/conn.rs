@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use crate::buf::{send_peek, RecvRing, SendRing};
-use crate::deps::Cc;
+use crate::cc::{Cc, CcAlgo};
+use crate::sack::DUP_THRESH;
 use crate::seq::Seq;
 use crate::tcb::{flag, State, Tcb, TcpError};
 use crate::wire::{Flags, SackBlocks, TcpRepr};
@@ -65,6 +66,9 @@ impl std::error::Error for UserError {}
 
 /// RFC 7323 5.5: TS.Recent older than 24 days is invalid for PAWS.
 const PAWS_IDLE_US: u64 = 24 * 24 * 3600 * 1_000_000;
+/// Challenge ACKs per second per connection (RFC 5961 7; Linux's default is 1000 per
+/// second for the host, we limit each connection).
+pub const CHALLENGE_ACK_LIMIT: u32 = 10;
 /// Most segments one `poll_transmit` call emits (keeps a call bounded).
 const MAX_BURST: usize = 4096;
 /// Persist timer bounds (RFC 9293 3.8.6.1 leaves them open; BSD uses 5 s .. 60 s; we start
@@ -155,7 +159,8 @@ impl<'a> Conn<'a> {
         self.tcb.persist_at = 0;
         self.tcb.keepalive_at = 0;
         self.tcb.timewait_at = 0;
-        self.tcb.set(flag::ACK_NOW | flag::PROBE_NOW | flag::KA_NOW, false);
+        self.tcb
+            .set(flag::ACK_NOW | flag::PROBE_NOW | flag::KA_NOW, false);
     }
 
     fn enter_time_wait(&mut self, now: u64) {
@@ -181,10 +186,28 @@ impl<'a> Conn<'a> {
         self.tcb.set(flag::RST_PENDING, true);
     }
 
-    /// RFC 5961 3.2 / 4.2 / 5.2: a "challenge ACK" (<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>).
-    fn challenge_ack(&mut self) {
-        self.tcb.challenge_acks = self.tcb.challenge_acks.wrapping_add(1);
+    /// RFC 5961 3.2 / 4.2 / 5.2: a "challenge ACK" (<SEQ=SND.NXT><ACK=RCV.NXT><CTL=ACK>),
+    /// rate-limited per RFC 5961 7: "An implementation SHOULD include a ACK throttling
+    /// mechanism" — at most [`CHALLENGE_ACK_LIMIT`] per second per connection.
+    fn challenge_ack(&mut self, now: u64) {
+        let t = &mut *self.tcb;
+        if now.saturating_sub(t.challenge_window_at) >= 1_000_000 {
+            t.challenge_window_at = now;
+            t.challenge_in_window = 0;
+        }
+        if t.challenge_in_window >= CHALLENGE_ACK_LIMIT {
+            t.challenge_throttled = t.challenge_throttled.wrapping_add(1);
+            return;
+        }
+        t.challenge_in_window += 1;
+        t.challenge_acks = t.challenge_acks.wrapping_add(1);
+        t.set(flag::ACK_NOW, true);
+    }
+
+    /// Owes one immediate (duplicate) ACK.
+    fn owe_ack(&mut self) {
         self.tcb.set(flag::ACK_NOW, true);
+        self.tcb.acks_owed = self.tcb.acks_owed.saturating_add(1);
     }
 
     fn arm_rto(&mut self, now: u64) {
@@ -220,7 +243,10 @@ impl<'a> Conn<'a> {
         t.retries = 0;
         t.last_rcv_at = now;
         t.last_snd_at = now;
-        t.set(flag::SYN_ACKED | flag::FIN_SENT | flag::FIN_ACKED | flag::FIN_RCVD, false);
+        t.set(
+            flag::SYN_ACKED | flag::FIN_SENT | flag::FIN_ACKED | flag::FIN_RCVD,
+            false,
+        );
     }
 
     /// Marks a LISTEN control block (RFC 9293 3.10.1 passive OPEN). `iss` is the ISS the
@@ -294,7 +320,7 @@ impl<'a> Conn<'a> {
             mss -= 12;
         }
         t.snd_mss = mss as u16;
-        t.cc = Cc::new(crate::tcb::cc_algo(t.cc_algo), mss, now);
+        t.cc = Cc::new(CcAlgo::from_u8(t.cc_algo), mss, now);
     }
 
     // ---------------------------------------------------------------------------------
@@ -406,8 +432,16 @@ impl<'a> Conn<'a> {
 
     /// CLOSE (RFC 9293 3.10.4): shut down both directions; the connection lingers through
     /// the closing states until our FIN is acknowledged.
+    ///
+    /// RFC 1122 4.2.2.13: "If such a host issues a CLOSE call while received data is still
+    /// pending in TCP, or if new data is received after CLOSE is called, its TCP SHOULD send
+    /// a RST to show that data was lost": closing with unread data aborts.
     pub fn close(&mut self) -> Result<(), UserError> {
         self.tcb.set(flag::CLOSED_BY_USER | flag::SHUT_RD, true);
+        if self.tcb.rcv_ring.len > 0 && self.state().is_synchronized() {
+            self.abort();
+            return Ok(());
+        }
         match self.state() {
             State::Listen => {
                 self.close_with(None);
@@ -568,6 +602,12 @@ impl<'a> Conn<'a> {
     }
 
     fn become_established(&mut self) {
+        // RFC 6298 5.7: after a retransmitted SYN, "the RTO MUST be re-initialized to 3
+        // seconds when data transmission begins".
+        if self.tcb.retries > 0 || self.tcb.rto_count > 0 {
+            self.tcb.rtt.on_syn_lost();
+        }
+        self.tcb.retries = 0;
         self.tcb.set_state(State::Established);
         // A CLOSE issued before the handshake finished (RFC 9293 3.10.4 SYN-RECEIVED:
         // "queue for processing after entering ESTABLISHED state").
@@ -666,7 +706,7 @@ impl<'a> Conn<'a> {
         // MUST send an acknowledgment (challenge ACK)".
         if seg.flags.rst() {
             if seg.seq != rcv_nxt {
-                self.challenge_ack();
+                self.challenge_ack(now);
                 return;
             }
             match state {
@@ -702,7 +742,7 @@ impl<'a> Conn<'a> {
         // remote peer ... After sending the acknowledgment, TCP MUST drop the unacceptable
         // segment and stop processing further." (RFC 9293 3.10.7.4 adopts this.)
         if seg.flags.syn() {
-            self.challenge_ack();
+            self.challenge_ack(now);
             return;
         }
 
@@ -718,7 +758,7 @@ impl<'a> Conn<'a> {
             // not acceptable, form a reset segment <SEQ=SEG.ACK><CTL=RST> and send it."
             let una = self.tcb.snd_una();
             if seg.ack.gt(una) && seg.ack.le(self.tcb.snd_max()) {
-                self.tcb.snd_wnd = u32::from(seg.window) << self.tcb.snd_shift;
+                self.tcb.snd_wnd = u32::from(seg.window) << self.tcb.snd_shift.min(14);
                 self.tcb.max_snd_wnd = self.tcb.max_snd_wnd.max(self.tcb.snd_wnd);
                 self.tcb.snd_wl1 = seg.seq.0;
                 self.tcb.snd_wl2 = seg.ack.0;
@@ -742,7 +782,7 @@ impl<'a> Conn<'a> {
         let una = self.tcb.snd_una();
         let lowest = una - self.tcb.max_snd_wnd.max(1);
         if seg.ack.lt(lowest) || seg.ack.gt(self.tcb.snd_max()) {
-            self.challenge_ack();
+            self.challenge_ack(now);
             return;
         }
         let fin_was_acked = self.tcb.has(flag::FIN_ACKED);
@@ -798,6 +838,9 @@ impl<'a> Conn<'a> {
         match self.state() {
             State::Established | State::FinWait1 | State::FinWait2 => {
                 fin_in_order = self.process_text(now, seg, payload);
+                if self.state() == State::Closed {
+                    return;
+                }
             }
             _ => {
                 if !payload.is_empty() {
@@ -828,7 +871,7 @@ impl<'a> Conn<'a> {
         let mss = self.mss();
         let una = self.tcb.snd_una();
         let ack = seg.ack;
-        let seg_wnd = u32::from(seg.window) << self.tcb.snd_shift;
+        let seg_wnd = u32::from(seg.window) << self.tcb.snd_shift.min(14);
 
         if ack.gt(una) {
             // "If SND.UNA < SEG.ACK =< SND.NXT, then set SND.UNA <- SEG.ACK. Any segments on
@@ -872,7 +915,8 @@ impl<'a> Conn<'a> {
                 self.arm_rto(now);
             }
             if self.tcb.has(flag::SACK_OK) {
-                self.tcb.sb.update(ack.0, &[]);
+                let max = self.tcb.snd_max;
+                self.tcb.sb.update(ack.0, max, &[]);
             }
             if self.tcb.has(flag::RECOVERY) {
                 if ack.ge(Seq(self.tcb.recover)) {
@@ -889,9 +933,7 @@ impl<'a> Conn<'a> {
                 }
             } else {
                 let srtt = self.tcb.rtt.srtt().map_or(0, |d| d.as_micros() as u32);
-                self.tcb
-                    .cc
-                    .on_ack(acked, mss, flight_before, now, srtt);
+                self.tcb.cc.on_ack(acked, mss, flight_before, now, srtt);
             }
             self.tcb.dupacks = 0;
         } else if ack == una {
@@ -901,15 +943,20 @@ impl<'a> Conn<'a> {
             // greatest acknowledgment received on the given connection (TCP.UNA from RFC
             // 793) and (e) the advertised window in the incoming acknowledgment equals the
             // advertised window in the last incoming acknowledgment."
+            // (A zero window is not a loss signal: ACKs of zero-window probes repeat.)
             let dup = self.tcb.snd_max().gt(una)
+                && self.tcb.snd_wnd > 0
                 && paylen == 0
                 && !seg.flags.syn()
                 && !seg.flags.fin()
                 && seg_wnd == self.tcb.snd_wnd;
             if dup {
                 self.tcb.dupacks = self.tcb.dupacks.saturating_add(1);
-                // RFC 5681 3.2 step 4: in NewReno recovery each further duplicate inflates
-                // the window; `transmit_data` accounts for it from `dupacks`.
+                // RFC 5681 3.2 step 4: "For each additional duplicate ACK received (after
+                // the third), increment cwnd by SMSS" (NewReno; `Cc` ignores it otherwise).
+                if self.tcb.has(flag::RECOVERY) && u32::from(self.tcb.dupacks) > DUP_THRESH {
+                    self.tcb.cc.on_dup_ack(mss);
+                }
             }
         }
         // "If the ACK is a duplicate (SEG.ACK =< SND.UNA), it can be ignored."
@@ -928,8 +975,10 @@ impl<'a> Conn<'a> {
                     }
                 }
             }
-            let una_now = self.tcb.snd_una;
-            self.tcb.sb.update(una_now, blocks.get(..k).unwrap_or(&[]));
+            let (una_now, max) = (self.tcb.snd_una, self.tcb.snd_max);
+            self.tcb
+                .sb
+                .update(una_now, max, blocks.get(..k).unwrap_or(&[]));
         }
 
         // Fast retransmit (RFC 5681 3.2 steps 2-3; RFC 6582 3.2 step 2; RFC 6675 5 step 4):
@@ -937,11 +986,12 @@ impl<'a> Conn<'a> {
         let una = self.tcb.snd_una();
         if !self.tcb.has(flag::RECOVERY) && self.tcb.snd_max().gt(una) {
             let sack = self.tcb.has(flag::SACK_OK);
-            let lost = self.tcb.dupacks >= 3 || (sack && self.tcb.sb.is_lost(una.0, mss));
+            let lost = u32::from(self.tcb.dupacks) >= DUP_THRESH
+                || (sack && self.tcb.sb.is_lost(una.0, mss, DUP_THRESH));
             // RFC 6582 3.2 step 2 / RFC 6675 5: not while the cumulative ACK is still below
             // "recover" (duplicates caused by the retransmissions of an earlier recovery or
             // of an RTO must not start another one).
-            if lost && una.ge(Seq(self.tcb.recover)) {
+            if lost && (sack || una.ge(Seq(self.tcb.recover))) {
                 let flight = self.tcb.snd_max().since(una);
                 self.tcb.recover = self.tcb.snd_max;
                 self.tcb.high_rxt = una.0;
@@ -993,10 +1043,15 @@ impl<'a> Conn<'a> {
         let mut complete = data.len() <= room;
         data = data.get(..room.min(data.len())).unwrap_or(&[]);
 
+        if !data.is_empty() && self.tcb.has(flag::CLOSED_BY_USER) {
+            // RFC 1122 4.2.2.13: new data after CLOSE: RST, the data is lost.
+            self.abort();
+            return false;
+        }
         if data.is_empty() {
             if !payload.is_empty() {
                 // Duplicate or out-of-window data: "send an acknowledgment".
-                self.tcb.set(flag::ACK_NOW, true);
+                self.owe_ack();
             }
         } else if off == 0 {
             let n = self.rcvring().write_at(0, data) as u32;
@@ -1030,7 +1085,7 @@ impl<'a> Conn<'a> {
             if n > 0 {
                 self.tcb.rsack.insert(seq.0, (seq + n).0);
             }
-            self.tcb.set(flag::ACK_NOW, true);
+            self.owe_ack();
         }
         if seg.flags.fin() && complete {
             let nxt = self.tcb.rcv_nxt();
@@ -1089,8 +1144,7 @@ impl<'a> Conn<'a> {
 
     fn keepalive_deadline(&self) -> Option<u64> {
         let t = &*self.tcb;
-        if !t.has(flag::KEEPALIVE) || !matches!(t.state(), State::Established | State::CloseWait)
-        {
+        if !t.has(flag::KEEPALIVE) || !matches!(t.state(), State::Established | State::CloseWait) {
             return None;
         }
         let first = u64::from(t.ka_idle_s) * 1_000_000;
@@ -1214,7 +1268,7 @@ impl<'a> Conn<'a> {
     /// SWS avoidance: the right edge moves only when it can move by at least
     /// min(RCV.BUFF/2, Eff.snd.MSS), and never moves left).
     fn advertise(&mut self) -> u16 {
-        let shift = u32::from(self.tcb.rcv_shift);
+        let shift = u32::from(self.tcb.rcv_shift.min(14));
         let nxt = self.tcb.rcv_nxt();
         let free = self.rcv_free().min(0xffff << shift);
         let cap = self.rcv_cap();
@@ -1294,7 +1348,10 @@ impl<'a> Conn<'a> {
             r.sack_permitted = true;
         }
         if self.tcb.has(flag::TS_OK) {
-            r.timestamps = Some((self.ts_now(now), if synack { self.tcb.ts_recent } else { 0 }));
+            r.timestamps = Some((
+                self.ts_now(now),
+                if synack { self.tcb.ts_recent } else { 0 },
+            ));
         }
         self.tcb.set(flag::ACK_NOW, false);
         r
@@ -1358,12 +1415,21 @@ impl<'a> Conn<'a> {
             _ => {}
         }
         count += self.transmit_data(now, &mut emit);
-        // Zero-window probe: one octet beyond the window (RFC 9293 3.8.6.1).
+        // Persist timer fired. A window too small for sender SWS avoidance to use: RFC 9293
+        // 3.8.6.2.1 "(d) the override timeout occurs" sends what fits. A zero window: a
+        // probe of one octet beyond it (RFC 9293 3.8.6.1).
         if self.tcb.has(flag::PROBE_NOW) {
             self.tcb.set(flag::PROBE_NOW, false);
             let seq = self.tcb.snd_nxt();
             let off = seq.since(self.data_start());
-            if off < self.snd_len() {
+            let unsent = self.snd_len().saturating_sub(off);
+            let wnd_room = (self.tcb.snd_una() + self.tcb.snd_wnd).since(seq);
+            if unsent > 0 && wnd_room > 0 {
+                let len = wnd_room.min(unsent).min(self.mss());
+                let sent = self.send_segment(now, seq, len, true, &mut emit);
+                self.tcb.snd_nxt = (seq + sent).0;
+                count += 1;
+            } else if unsent > 0 {
                 let r = self.base_repr(now, seq, Flags::ACK);
                 let payload = send_peek(&self.tcb.snd_ring, self.snd, off, 1);
                 emit(&r, payload);
@@ -1380,30 +1446,38 @@ impl<'a> Conn<'a> {
             emit(&r, &[]);
             count += 1;
         }
-        if self.tcb.has(flag::ACK_NOW) {
-            let seq = self.tcb.snd_nxt();
-            let r = self.base_repr(now, seq, Flags::ACK);
-            emit(&r, &[]);
-            count += 1;
+        if self.tcb.has(flag::ACK_NOW) || self.tcb.acks_owed > 0 {
+            // One ACK per out-of-order/duplicate segment received (at most 16 per call).
+            let n = self.tcb.acks_owed.clamp(1, 16);
+            for _ in 0..n {
+                let seq = self.tcb.snd_nxt();
+                let r = self.base_repr(now, seq, Flags::ACK);
+                emit(&r, &[]);
+                count += 1;
+            }
         }
+        self.tcb.acks_owed = 0;
         self.update_persist(now);
         count
     }
 
-    /// Arms the persist timer when the peer's window is closed with data waiting and nothing
-    /// in flight to elicit a window update.
+    /// Arms the persist timer when data waits, nothing is in flight to elicit a window
+    /// update, and the peer's window is closed or too small to use (sender SWS avoidance
+    /// holds the data back, RFC 9293 3.8.6.2.1).
     fn update_persist(&mut self, now: u64) {
         let t = &*self.tcb;
         let unsent = self.data_end().since(t.snd_nxt());
         let wnd_room = (t.snd_una() + t.snd_wnd).since(t.snd_nxt());
-        if unsent > 0 && wnd_room == 0 && t.snd_nxt() == t.snd_una() && t.rto_at == 0 {
+        let stuck = wnd_room < unsent.min(self.mss());
+        if unsent > 0 && stuck && t.snd_nxt() == t.snd_una() && t.rto_at == 0 {
             if t.persist_at == 0 {
                 let base = t.rtt.rto().as_micros() as u64;
                 let iv = (base << t.persist_shift.min(16)).min(PERSIST_MAX_US);
                 self.tcb.persist_at = now + iv.max(1);
             }
-        } else if wnd_room > 0 || unsent == 0 {
+        } else if !stuck || unsent == 0 {
             self.tcb.persist_at = 0;
+            self.tcb.persist_shift = 0;
         }
     }
 
@@ -1506,7 +1580,22 @@ impl<'a> Conn<'a> {
                 if pipe.saturating_add(mss) > cwnd {
                     break;
                 }
-                if let Some((s, e)) = self.tcb.sb.next_seg(una.0, snd_max.0, self.tcb.high_rxt, mss) {
+                let rxt = self.tcb.high_rxt;
+                let next = self
+                    .tcb
+                    .sb
+                    .next_lost_seg(una.0, snd_max.0, rxt, mss)
+                    .or_else(|| {
+                        // Rule (3) only when rule (2), new data, has nothing to send.
+                        let unsent = self.data_end().since(self.tcb.snd_nxt());
+                        let wnd = (una + self.tcb.snd_wnd).since(self.tcb.snd_nxt());
+                        if unsent == 0 || wnd == 0 {
+                            self.tcb.sb.next_maybe_lost_seg(una.0, snd_max.0, rxt, mss)
+                        } else {
+                            None
+                        }
+                    });
+                if let Some((s, e)) = next {
                     let (s, e) = (Seq(s), Seq(e));
                     if s.ge(una) && s.lt(snd_max) {
                         let len = e.since(s).min(mss).min(snd_max.since(s));
@@ -1522,13 +1611,24 @@ impl<'a> Conn<'a> {
                     }
                 }
                 in_flight = pipe;
+            } else if recovery && self.tcb.cc.algo() == CcAlgo::Cubic {
+                // Without SACK, CUBIC's cwnd is not inflated: estimate the pipe as RFC 6675
+                // would with no SACK information, one SMSS left the network per duplicate.
+                let left = u32::from(self.tcb.dupacks).saturating_mul(mss);
+                in_flight = self.tcb.snd_nxt().since(una).saturating_sub(left);
             } else if recovery {
-                // NewReno: the window is inflated by one SMSS per duplicate ACK beyond the
-                // third (RFC 5681 3.2 step 4), so count those as having left the network.
-                let inflate = u32::from(self.tcb.dupacks).saturating_mul(mss);
-                in_flight = self.tcb.snd_nxt().since(una).saturating_sub(inflate);
-            } else {
+                // NewReno recovery: `Cc` inflates cwnd itself (RFC 6582 3.2 steps 2 and 4).
                 in_flight = self.tcb.snd_nxt().since(una);
+            } else if sack && !self.tcb.sb.is_empty() {
+                // Outside recovery with SACK information: SACKed data has left the network
+                // (RFC 6675 SetPipe), which also gives RFC 3042 limited transmit.
+                let nxt = self.tcb.snd_nxt();
+                in_flight = self.tcb.sb.pipe(una.0, nxt.0, self.tcb.high_rxt, mss);
+            } else {
+                // RFC 3042 limited transmit: "a TCP sender SHOULD send a segment of previously
+                // unsent data in response to each of the first two duplicate acknowledgments".
+                let left = u32::from(self.tcb.dupacks.min(2)).saturating_mul(mss);
+                in_flight = self.tcb.snd_nxt().since(una).saturating_sub(left);
             }
 
             // --- new data (or go-back-N after an RTO) ------------------------------
@@ -1573,4 +1673,3 @@ impl<'a> Conn<'a> {
         count
     }
 }
-

@@ -15,9 +15,3 @@ pub mod sack;
 pub mod seq;
 pub mod tcb;
 pub mod wire;
-
-// TEMPORARY: stand-ins for `rtt`, `cc`, `sack` until those modules land.
-mod shim;
-mod deps {
-    pub use crate::shim::{Cc, CcAlgo, RecvSack, Rtt, Scoreboard};
-}

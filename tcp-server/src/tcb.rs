@@ -13,7 +13,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use crate::deps::{Cc, CcAlgo, RecvSack, Rtt, Scoreboard};
+use crate::cc::{Cc, CcAlgo};
+use crate::rtt::Rtt;
+use crate::sack::{RecvSack, Scoreboard};
 use crate::seq::Seq;
 
 /// Connection states (RFC 9293 3.3.2), stored as a `u8`.
@@ -398,12 +400,20 @@ pub struct Tcb {
     pub rto_count: u32,
     /// Challenge ACKs sent (RFC 5961).
     pub challenge_acks: u32,
+    /// Challenge ACKs not sent because of the rate limit (RFC 5961 7).
+    pub challenge_throttled: u32,
+    /// Challenge ACKs sent in the current one-second window.
+    pub challenge_in_window: u32,
+    /// Start of the current challenge ACK window (µs).
+    pub challenge_window_at: u64,
     /// Segments dropped by the acceptability test or PAWS.
     pub dropped: u32,
     /// Window we advertised last (the field value, unscaled): for tests and status.
     pub last_wnd_field: u16,
-    /// Padding.
-    pub _pad2: u16,
+    /// Immediate ACKs owed: one per out-of-order or duplicate segment received since the
+    /// last `poll_transmit` (RFC 5681 4.2: each is answered by its own duplicate ACK, so a
+    /// batch of arrivals still produces the sender's duplicate ACK count).
+    pub acks_owed: u16,
 
     // --- buffers (outside the Tcb) ------------------------------------------------------
     /// Send ring: bytes from SND.UNA (or ISS+1 before our SYN is acknowledged) onward.
@@ -420,15 +430,6 @@ pub struct Tcb {
     pub rsack: RecvSack,
     /// The peer's SACK blocks about our data (RFC 6675 scoreboard).
     pub sb: Scoreboard,
-}
-
-/// The congestion control algorithm stored as `cc_algo`.
-pub fn cc_algo(v: u8) -> CcAlgo {
-    if v == 0 {
-        CcAlgo::NewReno
-    } else {
-        CcAlgo::Cubic
-    }
 }
 
 /// A `Tcb` must fit a fixed slot of the state region.
@@ -516,17 +517,17 @@ impl Tcb {
             rst_seq: 0,
             rst_ack: 0,
             rst_flags: 0,
-            cc_algo: match cfg.cc {
-                CcAlgo::NewReno => 0,
-                _ => 1,
-            },
+            cc_algo: cfg.cc as u8,
             _pad: [0; 2],
             retransmits: 0,
             rto_count: 0,
             challenge_acks: 0,
+            challenge_throttled: 0,
+            challenge_in_window: 0,
+            challenge_window_at: 0,
             dropped: 0,
             last_wnd_field: 0,
-            _pad2: 0,
+            acks_owed: 0,
             snd_ring: RingGeom {
                 head: 0,
                 len: 0,

@@ -53,7 +53,13 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(cfg: &TcpConfig, addr: SocketAddrV4, peer: SocketAddrV4, snd: u32, rcv: u32) -> Host {
+    pub fn new(
+        cfg: &TcpConfig,
+        addr: SocketAddrV4,
+        peer: SocketAddrV4,
+        snd: u32,
+        rcv: u32,
+    ) -> Host {
         let tcb = Tcb::new(
             cfg,
             addr,
@@ -218,7 +224,10 @@ impl Sim {
     /// `b` listens (ISS `iss_b`), `a` connects (ISS `iss_a`).
     pub fn open(&mut self, iss_a: u32, iss_b: u32) {
         self.b.conn().listen(Seq(iss_b));
-        self.a.conn().connect(Seq(iss_a), self.now).expect("connect");
+        self.a
+            .conn()
+            .connect(Seq(iss_a), self.now)
+            .expect("connect");
     }
 
     /// Opens and runs until both ends are ESTABLISHED.
@@ -227,7 +236,12 @@ impl Sim {
         let ok = self.run(10_000, |s| {
             s.a.state() == State::Established && s.b.state() == State::Established
         });
-        assert!(ok, "handshake did not complete: a={:?} b={:?}", self.a.state(), self.b.state());
+        assert!(
+            ok,
+            "handshake did not complete: a={:?} b={:?}",
+            self.a.state(),
+            self.b.state()
+        );
     }
 
     fn enqueue(&mut self, from_a: bool, r: &TcpRepr, payload: &[u8]) {

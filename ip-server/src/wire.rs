@@ -74,41 +74,8 @@ fn put16(b: &mut [u8], at: usize, v: u16) {
     }
 }
 
-/// The Internet checksum (RFC 1071).
-pub mod checksum {
-    /// Ones'-complement sum of `data` as big-endian 16-bit words (an odd last byte is padded
-    /// with zero), added to `acc`. Not folded.
-    pub fn add(mut acc: u64, data: &[u8]) -> u64 {
-        let mut chunks = data.chunks_exact(2);
-        for c in &mut chunks {
-            if let &[a, b] = c {
-                acc += u64::from(u16::from_be_bytes([a, b]));
-            }
-        }
-        if let &[last] = chunks.remainder() {
-            acc += u64::from(u16::from_be_bytes([last, 0]));
-        }
-        acc
-    }
-
-    /// Folds a sum to 16 bits (end-around carry).
-    pub fn fold(mut acc: u64) -> u16 {
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        acc as u16
-    }
-
-    /// The checksum to store: the complement of the folded sum.
-    pub fn compute(data: &[u8]) -> u16 {
-        !fold(add(0, data))
-    }
-
-    /// True if `data`, checksum field included, sums to all ones.
-    pub fn verify(data: &[u8]) -> bool {
-        fold(add(0, data)) == 0xffff
-    }
-}
+/// The Internet checksum (RFC 1071), shared by the servers.
+pub use keepnet_server::inet as checksum;
 
 // ---------------------------------------------------------------------------------------------
 // Ethernet II

@@ -24,6 +24,7 @@ pub mod boot;
 pub mod codec;
 pub mod control;
 pub mod counters;
+pub mod inet;
 pub mod runtime;
 pub mod telemetry;
 pub mod wiring;

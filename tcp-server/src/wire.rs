@@ -101,36 +101,11 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
 pub mod checksum {
     use std::net::Ipv4Addr;
 
-    /// Ones'-complement sum of `data` as big-endian 16-bit words, added to `acc`. Not folded.
-    pub fn add(mut acc: u64, data: &[u8]) -> u64 {
-        let mut chunks = data.chunks_exact(2);
-        for c in &mut chunks {
-            if let &[a, b] = c {
-                acc += u64::from(u16::from_be_bytes([a, b]));
-            }
-        }
-        if let &[last] = chunks.remainder() {
-            acc += u64::from(u16::from_be_bytes([last, 0]));
-        }
-        acc
-    }
+    pub use keepnet_server::inet::{add, fold};
 
-    /// Folds a sum to 16 bits (end-around carry).
-    pub fn fold(mut acc: u64) -> u16 {
-        while acc > 0xffff {
-            acc = (acc & 0xffff) + (acc >> 16);
-        }
-        acc as u16
-    }
-
-    /// Sum of the IPv4 pseudo-header: source, destination, zero, PTCL = 6, TCP length
-    /// (RFC 9293 3.1).
+    /// Sum of the IPv4 pseudo-header with PTCL = 6 and the TCP length (RFC 9293 3.1).
     pub fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, tcp_len: usize) -> u64 {
-        let mut acc = add(0, &src.octets());
-        acc = add(acc, &dst.octets());
-        acc += 6;
-        acc += (tcp_len as u64) & 0xffff;
-        acc
+        keepnet_server::inet::pseudo_header(src, dst, 6, tcp_len)
     }
 }
 

@@ -35,44 +35,12 @@ fn be16(b: &[u8], at: usize) -> u16 {
     }
 }
 
-/// The ones' complement sum of `data` as 16-bit big-endian words (an odd last byte is padded
-/// with zero, RFC 1071), added to `acc`. Not folded: see [`fold`].
-pub fn ones_sum(acc: u64, data: &[u8]) -> u64 {
-    // 32-bit words summed into 64 bits: 2^16 = 1 (mod 2^16 - 1), so this is the same sum
-    // once folded, at half the additions. 2^32 words would be needed to overflow.
-    let mut s = acc;
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        s += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut pairs = rest.chunks_exact(2);
-    for p in &mut pairs {
-        s += u64::from(u16::from_be_bytes([p[0], p[1]]));
-    }
-    if let [b] = pairs.remainder() {
-        s += u64::from(*b) << 8;
-    }
-    s
-}
-
-/// Folds a sum from [`ones_sum`] to 16 bits (end-around carry).
-pub fn fold(mut s: u64) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
+pub use keepnet_server::inet::{add as ones_sum, fold};
 
 /// The sum of the IPv4 pseudo-header of RFC 768: source, destination, zero, protocol 17 and
 /// the UDP length.
 pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, udp_len: u16) -> u64 {
-    let mut p = [0u8; 12];
-    p[0..4].copy_from_slice(&src.octets());
-    p[4..8].copy_from_slice(&dst.octets());
-    p[9] = PROTO_UDP;
-    p[10..12].copy_from_slice(&udp_len.to_be_bytes());
-    ones_sum(0, &p)
+    keepnet_server::inet::pseudo_header(src, dst, PROTO_UDP, usize::from(udp_len))
 }
 
 /// A UDP datagram whose length was checked (RFC 768): at least a header, and the length

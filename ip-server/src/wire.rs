@@ -6,6 +6,8 @@
 //! [`be32`], which return 0 instead of panicking on a short buffer). Outgoing packets are built
 //! by `Repr::emit`, which computes checksums itself, so no caller can leave one wrong.
 
+pub use keepnet_server::inet::{be16, be32};
+use keepnet_server::inet::{byte, put16};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -30,29 +32,6 @@ pub enum WireError {
     Malformed,
 }
 
-/// Big-endian u16 at `at`, or 0 if the buffer is too short (never panics).
-#[inline]
-pub fn be16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at.saturating_add(2)) {
-        Some(&[x, y]) => u16::from_be_bytes([x, y]),
-        _ => 0,
-    }
-}
-
-/// Big-endian u32 at `at`, or 0 if the buffer is too short (never panics).
-#[inline]
-pub fn be32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at.saturating_add(4)) {
-        Some(&[a, c, d, e]) => u32::from_be_bytes([a, c, d, e]),
-        _ => 0,
-    }
-}
-
-#[inline]
-fn byte(b: &[u8], at: usize) -> u8 {
-    b.get(at).copied().unwrap_or(0)
-}
-
 #[inline]
 fn ip_at(b: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::from(be32(b, at))
@@ -64,14 +43,6 @@ fn mac_at(b: &[u8], at: usize) -> Mac {
         m.copy_from_slice(s);
     }
     Mac(m)
-}
-
-/// Writes `v` big-endian at `at` if it fits (builders size their buffers first).
-#[inline]
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at.saturating_add(2)) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
 }
 
 /// The Internet checksum (RFC 1071), shared by the servers.

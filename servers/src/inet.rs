@@ -1,7 +1,48 @@
 //! The Internet checksum (RFC 1071) and the IPv4 pseudo-header sum that UDP (RFC 768) and
-//! TCP (RFC 9293 3.1) cover: one implementation for the ip, udp and tcp servers.
+//! TCP (RFC 9293 3.1) cover, and the bounds-checked big-endian field accessors the parsers
+//! use: one implementation for the ip, udp and tcp servers.
 
 use std::net::Ipv4Addr;
+
+/// Big-endian u16 at `at`, or 0 if the buffer is too short (never panics).
+#[inline]
+pub fn be16(b: &[u8], at: usize) -> u16 {
+    match b.get(at..at.saturating_add(2)) {
+        Some(&[x, y]) => u16::from_be_bytes([x, y]),
+        _ => 0,
+    }
+}
+
+/// Big-endian u32 at `at`, or 0 if the buffer is too short (never panics).
+#[inline]
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    match b.get(at..at.saturating_add(4)) {
+        Some(&[a, c, d, e]) => u32::from_be_bytes([a, c, d, e]),
+        _ => 0,
+    }
+}
+
+/// The byte at `at`, or 0 if the buffer is too short (never panics).
+#[inline]
+pub fn byte(b: &[u8], at: usize) -> u8 {
+    b.get(at).copied().unwrap_or(0)
+}
+
+/// Writes `v` big-endian at `at` if it fits (builders size their buffers first).
+#[inline]
+pub fn put16(b: &mut [u8], at: usize, v: u16) {
+    if let Some(s) = b.get_mut(at..at.saturating_add(2)) {
+        s.copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// Writes `v` big-endian at `at` if it fits.
+#[inline]
+pub fn put32(b: &mut [u8], at: usize, v: u32) {
+    if let Some(s) = b.get_mut(at..at.saturating_add(4)) {
+        s.copy_from_slice(&v.to_be_bytes());
+    }
+}
 
 /// Ones'-complement sum of `data` as big-endian 16-bit words (an odd last byte is padded
 /// with zero), added to `acc`. Not folded: see [`fold`].

@@ -7,6 +7,8 @@
 //! header with its checksum, so no caller can leave one wrong. Every malformation has its own
 //! [`WireError`] variant, so the server can count drops by reason.
 
+pub use keepnet_server::inet::{be16, be32};
+use keepnet_server::inet::{byte, put16, put32};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -59,43 +61,6 @@ impl fmt::Display for WireError {
 }
 
 impl std::error::Error for WireError {}
-
-/// Big-endian u16 at `at`, or 0 if the buffer is too short (never panics).
-#[inline]
-pub fn be16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at.saturating_add(2)) {
-        Some(&[x, y]) => u16::from_be_bytes([x, y]),
-        _ => 0,
-    }
-}
-
-/// Big-endian u32 at `at`, or 0 if the buffer is too short (never panics).
-#[inline]
-pub fn be32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at.saturating_add(4)) {
-        Some(&[a, c, d, e]) => u32::from_be_bytes([a, c, d, e]),
-        _ => 0,
-    }
-}
-
-#[inline]
-fn byte(b: &[u8], at: usize) -> u8 {
-    b.get(at).copied().unwrap_or(0)
-}
-
-#[inline]
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    if let Some(s) = b.get_mut(at..at.saturating_add(2)) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-#[inline]
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    if let Some(s) = b.get_mut(at..at.saturating_add(4)) {
-        s.copy_from_slice(&v.to_be_bytes());
-    }
-}
 
 /// The Internet checksum (RFC 1071) and the TCP pseudo-header (RFC 9293 3.1).
 pub mod checksum {

@@ -5,6 +5,7 @@
 //! Untrusted bytes go through [`UdpPacket::new_checked`] or [`Quote::parse`] only; after
 //! either succeeds no accessor can panic or read out of bounds.
 
+use keepnet_server::inet::be16;
 use std::net::Ipv4Addr;
 
 /// Bytes of a UDP header.
@@ -25,14 +26,6 @@ pub enum WireError {
     /// The length field is below 8 or above the bytes received.
     #[error("UDP length field {field} does not fit the {received} bytes received")]
     BadLength { field: u16, received: usize },
-}
-
-#[inline]
-fn be16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at + 2) {
-        Some(&[x, y]) => u16::from_be_bytes([x, y]),
-        _ => 0,
-    }
 }
 
 pub use keepnet_server::inet::{add as ones_sum, fold};

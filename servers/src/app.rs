@@ -61,7 +61,39 @@ pub mod op {
     /// Replied only if `id != 0`; the buffer always comes back on `tx_return`.
     pub const SEND: u32 = 3;
     /// Close `socket`: its port is free again. Replied only if `id != 0`.
+    /// TCP: a graceful close (RFC 9293 3.10.4): data already sent and a FIN still go out
+    /// and the connection ends on its own; the handle is the application's no longer. A
+    /// listener stops listening and its connections not yet accepted are reset.
     pub const CLOSE: u32 = 4;
+    /// TCP: listen on `addr`/`port` (0 = any / ephemeral) with a backlog of `_reserved`
+    /// connections (0: the server's default). Reply: `socket` is the listener, `addr`/`port`
+    /// the bound address. Connections then arrive as `event::ACCEPTED`.
+    pub const LISTEN: u32 = 5;
+    /// TCP: shut down `socket` in the directions of `_reserved` ([`super::shut`]): WRITE sends
+    /// a FIN once the data already sent is out (RFC 9293 3.10.4 half-close), READ drops data
+    /// received from now on. Replied only if `id != 0`.
+    pub const SHUTDOWN: u32 = 6;
+    /// TCP: set option `_reserved` ([`super::sockopt`]) of `socket` to `addr` (0 off, 1 on).
+    /// Replied only if `id != 0`.
+    pub const SETOPT: u32 = 7;
+    /// TCP: abortive close: a RST goes out, queued data is dropped (RFC 9293 3.10.5 ABORT);
+    /// the handle is the application's no longer. Replied only if `id != 0`.
+    pub const ABORT: u32 = 8;
+}
+
+/// `op::SHUTDOWN` directions (`AppRequest::_reserved`), as `std::net::Shutdown`.
+pub mod shut {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const BOTH: u32 = 3;
+}
+
+/// `op::SETOPT` options (`AppRequest::_reserved`); the value is in `addr`.
+pub mod sockopt {
+    /// TCP_NODELAY: Nagle's algorithm off (RFC 9293 3.7.4) when 1.
+    pub const NODELAY: u32 = 1;
+    /// SO_KEEPALIVE (RFC 9293 3.8.4) when 1.
+    pub const KEEPALIVE: u32 = 2;
 }
 
 /// Event kinds (`AppEvent::kind`).
@@ -73,7 +105,25 @@ pub mod event {
     pub const DATAGRAM: u32 = 2;
     /// An asynchronous error on `socket` (`status`): an ICMP port unreachable for a connected
     /// socket arrives as [`super::Status::ConnectionRefused`].
+    /// TCP: the connection is dead (`ConnectionRefused`: a RST answered our SYN;
+    /// `ConnectionReset`; `TimedOut`: retransmissions or keepalives gave up), after any DATA
+    /// and EOF it delivered. The handle stays the application's until it closes it.
     pub const ERROR: u32 = 3;
+    /// TCP: the next bytes of `socket`'s stream in `desc` (APP_RX_POOL), in order. Hand the
+    /// buffer back on `rx_return` once every byte is read: a connection has at most the
+    /// server's receive buffer size delivered and not yet handed back.
+    pub const DATA: u32 = 4;
+    /// TCP: the peer closed its side (a FIN, RFC 9293 3.10.7.4 eighth): no more DATA.
+    pub const EOF: u32 = 5;
+    /// TCP: the active open of `socket` completed (ESTABLISHED); `addr`/`port` is the local
+    /// address.
+    pub const CONNECTED: u32 = 6;
+    /// TCP: listener `socket` has a new connection: its handle is in `id`, the peer in
+    /// `addr`/`port`. It is the application's from now on (close it when done).
+    pub const ACCEPTED: u32 = 7;
+    /// TCP: `socket`'s send buffer went from full to having room again (optional hint: the
+    /// library mostly tracks room by the TX buffers it gets back).
+    pub const WRITABLE: u32 = 8;
 }
 
 /// Status codes carried in replies and error events (0 is success).
@@ -95,6 +145,18 @@ pub enum Status {
     NetworkUnreachable = 10,
     /// An unknown request op.
     Unsupported = 11,
+    /// TCP: the peer reset the connection.
+    ConnectionReset = 12,
+    /// TCP: the peer stopped answering (retransmissions or keepalives gave up, or connect
+    /// timed out).
+    TimedOut = 13,
+    /// TCP: the connection was aborted on this side (the server restarted without it, or an
+    /// abortive close).
+    ConnectionAborted = 14,
+    /// TCP: writing after a shutdown of the write side or after the connection closed.
+    BrokenPipe = 15,
+    /// TCP: the socket is already connected (or listening).
+    IsConnected = 16,
 }
 
 impl Status {
@@ -113,6 +175,11 @@ impl Status {
             9 => HostUnreachable,
             10 => NetworkUnreachable,
             11 => Unsupported,
+            12 => ConnectionReset,
+            13 => TimedOut,
+            14 => ConnectionAborted,
+            15 => BrokenPipe,
+            16 => IsConnected,
             _ => InvalidInput,
         }
     }
@@ -133,12 +200,9 @@ impl Status {
                 "address not available: not keepnet's address",
             ),
             Status::InvalidInput => (K::InvalidInput, "invalid argument"),
-            Status::ConnectionRefused => (
-                K::ConnectionRefused,
-                "connection refused (ICMP port unreachable)",
-            ),
+            Status::ConnectionRefused => (K::ConnectionRefused, "connection refused"),
             Status::NotConnected => (K::NotConnected, "socket is not connected"),
-            Status::NoSockets => (K::OutOfMemory, "the udp server's socket table is full"),
+            Status::NoSockets => (K::OutOfMemory, "the server's socket table is full"),
             Status::BadSocket => (K::InvalidInput, "not a socket of this application"),
             Status::MessageTooLong => (
                 K::InvalidInput,
@@ -147,6 +211,11 @@ impl Status {
             Status::HostUnreachable => (K::HostUnreachable, "host unreachable"),
             Status::NetworkUnreachable => (K::NetworkUnreachable, "network unreachable"),
             Status::Unsupported => (K::Unsupported, "operation not supported by the server"),
+            Status::ConnectionReset => (K::ConnectionReset, "connection reset by peer"),
+            Status::TimedOut => (K::TimedOut, "connection timed out"),
+            Status::ConnectionAborted => (K::ConnectionAborted, "connection aborted"),
+            Status::BrokenPipe => (K::BrokenPipe, "broken pipe: the write side is shut down"),
+            Status::IsConnected => (K::AlreadyExists, "socket is already connected"),
         };
         Some(io::Error::new(kind, msg))
     }
@@ -474,7 +543,7 @@ impl AppLink {
             .events()?
             .in_flight()?
             .iter()
-            .filter(|e| e.kind == event::DATAGRAM)
+            .filter(|e| e.kind == event::DATAGRAM || e.kind == event::DATA)
             .map(|e| e.desc)
             .collect();
         out.extend(self.tx_return()?.in_flight()?);

@@ -61,6 +61,12 @@ pub trait Server {
         None
     }
 
+    /// How long the loop may park before a timer of the server is due (the tcp server's
+    /// retransmission and delayed-ACK timers); `None`: no timer, park the usual time.
+    fn park_limit(&mut self) -> Option<Duration> {
+        None
+    }
+
     /// The supervisor queued messages on the server's hotplug socket (fd `hotplug`, see
     /// [`crate::app`]); read them. Returns how many were handled. Servers without one refuse.
     fn hotplug(&mut self) -> Result<u64, ServerError> {
@@ -219,15 +225,16 @@ pub fn run<S: Server>(
             SpinPolicy::PARK_AT_ONCE
         };
         let fd = if running { server.wait_fd() } else { None };
+        let limit = if running { server.park_limit() } else { None };
+        let park = limit.map_or(opts.park_timeout, |l| l.min(opts.park_timeout));
         let ready = || (running && server.has_work()) || cmds.has_data();
         // A doorbell with an eventfd is rung through it: park in poll, not on the futex.
         let outcome = match (fd, bell.eventfd().is_some()) {
             (Some(fd), _) => {
-                bell.wait_fds(policy, Some(opts.park_timeout), ready, &[fd])
-                    .0
+                bell.wait_fds(policy, Some(park), ready, &[fd]).0
             }
-            (None, true) => bell.wait_fds(policy, Some(opts.park_timeout), ready, &[]).0,
-            (None, false) => bell.wait(policy, Some(opts.park_timeout), ready),
+            (None, true) => bell.wait_fds(policy, Some(park), ready, &[]).0,
+            (None, false) => bell.wait(policy, Some(park), ready),
         };
         if outcome == WaitOutcome::TimedOut {
             continue;

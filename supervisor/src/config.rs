@@ -128,6 +128,8 @@ pub struct Config {
     pub ip: IpConfig,
     pub placement: PlacementConfig,
     pub servers: ServersConfig,
+    /// The tcp server's table and protocol settings.
+    pub tcp: TcpSettings,
     /// Applications the supervisor starts once the servers are ready and restarts when they
     /// exit. Absent: the demo services (UDP echo on 7, UDP discard on 9). `services = []`:
     /// none.
@@ -163,6 +165,10 @@ pub fn default_services() -> Vec<ServiceConfig> {
     vec![
         svc("udp-echo", &["udp-echo", "--port", "7"]),
         svc("udp-discard", &["udp-discard", "--port", "9"]),
+        svc("tcp-echo", &["tcp-echo", "--port", "7"]),
+        svc("tcp-discard", &["tcp-discard", "--port", "9"]),
+        svc("tcp-chargen", &["tcp-chargen", "--port", "19"]),
+        svc("http", &["http", "--port", "80"]),
     ]
 }
 
@@ -210,6 +216,42 @@ pub struct ServersConfig {
     pub driver: ServerConfig,
     pub ip: ServerConfig,
     pub udp: ServerConfig,
+    pub tcp: ServerConfig,
+}
+
+/// `[tcp]`: the tcp server's state table (shared memory made by the supervisor) and
+/// protocol settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpSettings {
+    /// Connections the table holds at once (each: a 1 KiB slot plus its buffers).
+    pub max_connections: u32,
+    /// Listening sockets the table holds at once.
+    pub max_listeners: u32,
+    /// Send buffer per connection, bytes.
+    pub sndbuf: u32,
+    /// Receive buffer per connection, bytes (the largest window we offer).
+    pub rcvbuf: u32,
+    /// TIME-WAIT, milliseconds (RFC 9293 3.4.2: 2 MSL; 60 s as Linux).
+    pub time_wait_ms: u64,
+    /// Congestion control: "cubic" (RFC 9438) or "newreno" (RFC 5681, RFC 6582).
+    pub cc: String,
+    /// Accept queue of a listener that names none.
+    pub backlog: u32,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        TcpSettings {
+            max_connections: 16384,
+            max_listeners: 64,
+            sndbuf: 256 * 1024,
+            rcvbuf: 256 * 1024,
+            time_wait_ms: 60_000,
+            cc: "cubic".into(),
+            backlog: 128,
+        }
+    }
 }
 
 /// One server's settings.
@@ -232,6 +274,7 @@ impl Default for Config {
             ip: IpConfig::default(),
             placement: PlacementConfig::default(),
             servers: ServersConfig::default(),
+            tcp: TcpSettings::default(),
             services: default_services(),
         }
     }
@@ -275,7 +318,7 @@ impl Default for PlacementConfig {
 }
 
 /// The server names, in start order.
-pub const SERVERS: [&str; 3] = ["driver", "ip", "udp"];
+pub const SERVERS: [&str; 4] = ["driver", "ip", "udp", "tcp"];
 
 impl Config {
     /// Reads and checks a config file.
@@ -318,6 +361,46 @@ impl Config {
             return Err(bad(
                 "link.tap",
                 format!("{:?}: a device name has 1 to 15 characters", self.link.tap),
+            ));
+        }
+        let t = &self.tcp;
+        if !(1..=keepnet_tcp::state::MAX_CONNS).contains(&t.max_connections) {
+            return Err(bad(
+                "tcp.max_connections",
+                format!("{}: use 1 to {}", t.max_connections, keepnet_tcp::state::MAX_CONNS),
+            ));
+        }
+        if !(1..=keepnet_tcp::state::MAX_LISTENERS).contains(&t.max_listeners) {
+            return Err(bad(
+                "tcp.max_listeners",
+                format!("{}: use 1 to {}", t.max_listeners, keepnet_tcp::state::MAX_LISTENERS),
+            ));
+        }
+        for (field, v) in [("tcp.sndbuf", t.sndbuf), ("tcp.rcvbuf", t.rcvbuf)] {
+            if !(4096..=keepnet_tcp::state::MAX_BUF).contains(&v) || v % 8 != 0 {
+                return Err(bad(
+                    field,
+                    format!("{v}: use a multiple of 8 from 4096 to {}", keepnet_tcp::state::MAX_BUF),
+                ));
+            }
+        }
+        if t.time_wait_ms > 240_000 {
+            return Err(bad("tcp.time_wait_ms", format!("{}: at most 240000", t.time_wait_ms)));
+        }
+        if t.cc != "cubic" && t.cc != "newreno" {
+            return Err(bad("tcp.cc", format!("{:?}: use \"cubic\" or \"newreno\"", t.cc)));
+        }
+        if !(1..=65535).contains(&t.backlog) {
+            return Err(bad("tcp.backlog", format!("{}: use 1 to 65535", t.backlog)));
+        }
+        let table = (t.max_connections as u64) * (u64::from(t.sndbuf) + u64::from(t.rcvbuf) + 1024);
+        if table > 64 << 30 {
+            return Err(bad(
+                "tcp.max_connections",
+                format!(
+                    "{} connections x ({} + {}) bytes of buffers is over 64 GiB of shared memory",
+                    t.max_connections, t.sndbuf, t.rcvbuf
+                ),
             ));
         }
         if !(576..=9000).contains(&self.link.mtu) {
@@ -382,6 +465,7 @@ impl Config {
         match name {
             "driver" => &self.servers.driver,
             "udp" => &self.servers.udp,
+            "tcp" => &self.servers.tcp,
             _ => &self.servers.ip,
         }
     }

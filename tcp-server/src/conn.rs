@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use crate::listen::Established;
 use crate::buf::{send_peek, RecvRing, SendRing};
 use crate::cc::{Cc, CcAlgo};
 use crate::sack::DUP_THRESH;
@@ -81,13 +82,90 @@ pub struct Conn<'a> {
     pub tcb: &'a mut Tcb,
     snd: &'a mut [u8],
     rcv: &'a mut [u8],
+    burst: usize,
 }
 
 impl<'a> Conn<'a> {
     /// A view over `tcb` with send ring memory `snd` and receive ring memory `rcv` (the
     /// slices the `Tcb`'s ring geometry describes).
     pub fn new(tcb: &'a mut Tcb, snd: &'a mut [u8], rcv: &'a mut [u8]) -> Self {
-        Conn { tcb, snd, rcv }
+        Conn {
+            tcb,
+            snd,
+            rcv,
+            burst: MAX_BURST,
+        }
+    }
+
+    /// Caps the data segments one [`Conn::poll_transmit`] emits at `n` (at least 1), so a
+    /// caller with `n` transmit buffers free never gets more segments than it can send.
+    pub fn with_burst(mut self, n: usize) -> Self {
+        self.burst = n.clamp(1, MAX_BURST);
+        self
+    }
+
+    /// A connection whose handshake a listener completed ([`crate::listen`], RFC 9293
+    /// 3.10.7.4 SYN-RECEIVED: "If SND.UNA < SEG.ACK =< SND.NXT, then enter ESTABLISHED state
+    /// and continue processing"). `ts_offset` is the offset the listener's timestamp clock
+    /// used in the SYN-ACK; `synack_window` the (unscaled) window it advertised. The ACK that
+    /// completed the handshake should be handed to [`Conn::on_segment`] next: it carries the
+    /// peer's window (and maybe data).
+    pub fn establish(&mut self, e: &Established, ts_offset: u32, synack_window: u16, now: u64) {
+        let iss = Seq(e.iss);
+        self.init_send(iss, now);
+        let t = &mut *self.tcb;
+        let una = (iss + 1).0;
+        t.local_ip = u32::from(*e.local.ip());
+        t.remote_ip = u32::from(*e.remote.ip());
+        t.local_port = e.local.port();
+        t.remote_port = e.remote.port();
+        t.snd_una = una;
+        t.snd_nxt = una;
+        t.snd_max = una;
+        t.recover = una;
+        t.high_rxt = una;
+        t.ts_offset = ts_offset;
+        t.irs = e.irs;
+        t.rcv_nxt = e.irs.wrapping_add(1);
+        t.rcv_adv = t.rcv_nxt.wrapping_add(u32::from(synack_window));
+        t.last_ack_sent = t.rcv_nxt;
+        // The window of the completing ACK updates SND.WND (RFC 9293 3.10.7.4, fifth:
+        // "SND.WL1 < SEG.SEQ"): start just below it.
+        t.snd_wl1 = e.irs;
+        t.snd_wl2 = una;
+        // RFC 7323 2.2: scaling only if both sides sent the option.
+        match e.snd_wscale {
+            Some(s) if t.has(flag::WS_OK) => t.snd_shift = s.min(14),
+            _ => {
+                t.set(flag::WS_OK, false);
+                t.snd_shift = 0;
+                t.rcv_shift = 0;
+            }
+        }
+        t.set(flag::PEER_SACK, e.sack_permitted);
+        if !e.sack_permitted {
+            t.set(flag::SACK_OK, false);
+        }
+        match e.ts_recent {
+            Some(r) if t.has(flag::TS_OK) => {
+                t.set(flag::PEER_TS, true);
+                t.ts_recent = r;
+                t.ts_recent_at = now;
+            }
+            _ => {
+                t.set(flag::PEER_TS, false);
+                t.set(flag::TS_OK, false);
+            }
+        }
+        // RFC 6691: the MSS excludes options; subtract the timestamps we carry.
+        let mut mss = u32::from(e.mss).min(u32::from(t.rcv_mss)).max(64);
+        if t.has(flag::TS_OK) {
+            mss -= 12;
+        }
+        t.snd_mss = mss as u16;
+        t.cc = Cc::new(CcAlgo::from_u8(t.cc_algo), mss, now);
+        t.set(flag::PASSIVE | flag::SYN_ACKED, true);
+        self.become_established();
     }
 
     // ---------------------------------------------------------------------------------
@@ -1548,7 +1626,7 @@ impl<'a> Conn<'a> {
         if self.state() == State::FinWait2 {
             return 0;
         }
-        while count < MAX_BURST {
+        while count < self.burst {
             let una = self.tcb.snd_una();
             let snd_max = self.tcb.snd_max();
             let cwnd = self.tcb.cc.cwnd();

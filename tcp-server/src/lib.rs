@@ -8,10 +8,13 @@
 pub mod buf;
 pub mod cc;
 pub mod conn;
+pub mod counters;
 pub mod isn;
 pub mod listen;
 pub mod rtt;
 pub mod sack;
 pub mod seq;
+pub mod server;
+pub mod state;
 pub mod tcb;
 pub mod wire;

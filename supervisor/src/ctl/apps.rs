@@ -1,11 +1,11 @@
 //! Attached applications: the supervisor's side of the attach protocol
-//! (`keepnet_server::app`) and of the udp server's hotplug socket.
+//! (`keepnet_server::app`) and of the transport servers' hotplug sockets (one [`Apps`] per server: udp and tcp).
 //!
 //! An application connects to the control socket and asks to attach. The supervisor reads its
 //! credentials (SO_PEERCRED), makes it a region of its own ([`AppLink`]), hands that region
-//! to the udp server over the hotplug socket, and only then answers the application with the
-//! region and the udp server's doorbell eventfd. The connection stays open: when it reaches
-//! EOF (the application closed it, exited or was killed) the supervisor tells the udp server
+//! to its transport server over the hotplug socket, and only then answers the application with the
+//! region and its transport server's doorbell eventfd. The connection stays open: when it reaches
+//! EOF (the application closed it, exited or was killed) the supervisor tells its transport server
 //! to close the application's sockets and drops the region.
 //!
 //! The hotplug socket is a SOCK_SEQPACKET pair: one packet per [`Hotplug`] message, the app's
@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use keepnet_server::app::{AppLink, Hotplug};
-use keepnet_server::wiring::UDP;
+use keepnet_ipc::EndpointId;
 use tracing::{info, warn};
 
 /// One attached application.
@@ -36,6 +36,13 @@ pub struct AppConn {
 
 /// Every attached application and the supervisor's end of the hotplug socket.
 pub struct Apps {
+    /// The IP protocol its applications use (17 udp, 6 tcp).
+    pub protocol: u8,
+    /// The transport server serving them: its endpoint and name.
+    server: EndpointId,
+    pub label: &'static str,
+    tx: u32,
+    rx: u32,
     next: u32,
     /// Attached applications by id.
     pub conns: BTreeMap<u32, AppConn>,
@@ -44,12 +51,16 @@ pub struct Apps {
 }
 
 /// Buffers in an application's pools.
-const APP_TX: u32 = AppLink::DEFAULT_TX;
-const APP_RX: u32 = AppLink::DEFAULT_RX;
 
 impl Apps {
     /// A fresh table and hotplug socket pair.
-    pub fn new() -> std::io::Result<Apps> {
+    pub fn new(
+        protocol: u8,
+        server: EndpointId,
+        label: &'static str,
+        tx: u32,
+        rx: u32,
+    ) -> std::io::Result<Apps> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (a, b) = socketpair(
             AddressFamily::Unix,
@@ -61,6 +72,11 @@ impl Apps {
         let ours = UnixStream::from(a);
         ours.set_nonblocking(true)?;
         Ok(Apps {
+            protocol,
+            server,
+            label,
+            tx,
+            rx,
             next: 1,
             conns: BTreeMap::new(),
             ours,
@@ -68,13 +84,13 @@ impl Apps {
         })
     }
 
-    /// The udp server's end (inherited as fd `hotplug` at every spawn).
+    /// The server's end (inherited as fd `hotplug` at every spawn).
     pub fn server_end(&self) -> BorrowedFd<'_> {
         self.theirs.as_fd()
     }
 
     /// Creates the region of a new application connected on `stream`, and queues its
-    /// `Attach` for the udp server. `drain` asks the server to read the hotplug socket (and
+    /// `Attach` for the server. `drain` asks the server to read the hotplug socket (and
     /// waits for its answer). Returns the new id.
     pub fn attach(
         &mut self,
@@ -91,12 +107,12 @@ impl Apps {
             .checked_add(1)
             .ok_or("application ids exhausted")?;
         let link = AppLink::create(
-            &format!("{instance}-app{app}"),
+            &format!("{instance}-{}-app{app}", self.label),
             app,
-            17,
-            UDP,
-            APP_TX,
-            APP_RX,
+            self.protocol,
+            self.server,
+            self.tx,
+            self.rx,
         )
         .map_err(|e| format!("application region: {e}"))?;
         let pid = u32::try_from(cred.pid()).unwrap_or(0);
@@ -116,29 +132,29 @@ impl Apps {
         if !drain() {
             // Undo: the server may still read the Attach later, so tell it to forget it.
             let _ = self.send(&Hotplug::Detach { app }, None, drain);
-            return Err(
-                "the udp server did not take the application (is it running? see `keepnet status`)"
-                    .into(),
-            );
+            return Err(format!(
+                "the {} server did not take the application (is it running? see `keepnet status`)",
+                self.label
+            ));
         }
-        info!(app, pid, uid = cred.uid(), "application attached");
+        info!(app, pid, uid = cred.uid(), server = self.label, "application attached");
         self.conns.insert(app, conn);
         Ok(app)
     }
 
-    /// Detaches application `app` (its connection reached EOF): the udp server closes its
+    /// Detaches application `app` (its connection reached EOF): the server closes its
     /// sockets; the region goes when the last mapping does.
     pub fn detach(&mut self, app: u32, drain: &mut dyn FnMut() -> bool) -> Option<AppConn> {
         let conn = self.conns.remove(&app)?;
         if let Err(e) = self.send(&Hotplug::Detach { app }, None, drain) {
-            warn!(app, %e, "could not queue the detach (a restarted udp server will get the live list)");
+            warn!(app, %e, server = self.label, "could not queue the detach (a restarted server will get the live list)");
         }
         let _ = drain();
-        info!(app, pid = conn.pid, "application detached");
+        info!(app, pid = conn.pid, server = self.label, "application detached");
         Some(conn)
     }
 
-    /// After a udp server restart: every live application again, then the list of them.
+    /// After a restart of the server: every live application again, then the list of them.
     pub fn resend_all(&self, drain: &mut dyn FnMut() -> bool) {
         for c in self.conns.values() {
             let m = Hotplug::Attach {
@@ -146,7 +162,7 @@ impl Apps {
                 pid: c.pid,
             };
             if let Err(e) = self.send(&m, Some(c.link.region().fd()), drain) {
-                warn!(app = c.app, %e, "could not re-send an application to the udp server");
+                warn!(app = c.app, %e, server = self.label, "could not re-send an application to its server");
             }
         }
         let live = Hotplug::Live {
@@ -156,7 +172,7 @@ impl Apps {
             warn!(%e, "could not send the live application list");
         }
         if !drain() {
-            warn!("the restarted udp server did not read its hotplug socket");
+            warn!(server = self.label, "the restarted server did not read its hotplug socket");
         }
     }
 
@@ -196,7 +212,7 @@ impl Apps {
         }
         Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "the udp server does not read its hotplug socket",
+            format!("the {} server does not read its hotplug socket", self.label),
         ))
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use keepnet_ipc::SpinPolicy;
 use keepnet_server::app::Attached;
 use keepnet_server::runtime::{supervisor_ends, RequestError};
-use keepnet_server::wiring::{Link, TransportLink, UDP};
+use keepnet_server::app::AppLink;
+use keepnet_server::wiring::{Link, TransportLink, TCP, UDP};
+use keepnet_tcp::state::{Geometry, TcpState};
 use keepnet_server::{
     boot, request, Command as Cmd, ControlBlock, ControlMsg, RunOptions, ServerState,
 };
@@ -28,6 +30,13 @@ use crate::config::{Config, Placement, SERVERS};
 
 /// Sockets in the udp server's table.
 const UDP_SOCKETS: u32 = 4096;
+/// Transport buffers per pool between the ip and tcp servers (a window's worth of segments).
+const TCP_TRANSPORT_BUFFERS: u32 = 2048;
+/// Application buffers of a TCP application's region (TX, RX).
+const TCP_APP_BUFFERS: (u32, u32) = (256, 512);
+/// Index of the udp and tcp application sets in `Daemon::apps`.
+const UDP_APPS: usize = 0;
+const TCP_APPS: usize = 1;
 /// Longest wait for the services to attach and bind before `up` gives up.
 const SERVICES_READY: Duration = Duration::from_secs(20);
 
@@ -117,7 +126,11 @@ pub struct Daemon {
     tap: Option<OwnedFd>,
     driver_bell: OwnedFd,
     udp_bell: OwnedFd,
-    apps: Apps,
+    tcp_link: TransportLink,
+    tcp_state: TcpState,
+    tcp_bell: OwnedFd,
+    /// Attached applications, per transport server: [UDP_APPS] and [TCP_APPS].
+    apps: Vec<Apps>,
     services: Vec<ServiceProc>,
     servers: Vec<ServerProc>,
     created_netns: bool,
@@ -185,6 +198,17 @@ fn server_env(config: &Config, name: &str) -> Vec<(String, String)> {
             "KEEPNET_UDP_CONFIG".into(),
             serde_json::json!({"addr": config.ip.addr.addr.to_string()}).to_string(),
         )),
+        "tcp" => env.push((
+            "KEEPNET_TCP_CONFIG".into(),
+            serde_json::json!({
+                "addr": config.ip.addr.addr.to_string(),
+                "mss": config.link.mtu.saturating_sub(40).clamp(536, 9000),
+                "time_wait_ms": config.tcp.time_wait_ms,
+                "cc": config.tcp.cc,
+                "backlog": config.tcp.backlog,
+            })
+            .to_string(),
+        )),
         _ => env.push((
             "KEEPNET_IP_CONFIG".into(),
             serde_json::json!({
@@ -232,7 +256,30 @@ impl Daemon {
             UDP_SOCKETS,
         )
         .map_err(|e| DaemonError::Shm(e.to_string()))?;
-        let apps = Apps::new().map_err(io("hotplug socket pair"))?;
+        let tcp_bell = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+        let tcp_link = TransportLink::create(
+            &format!("{}-transport.tcp", config.instance),
+            6,
+            TCP,
+            TCP_TRANSPORT_BUFFERS,
+        )
+        .map_err(|e| DaemonError::Shm(e.to_string()))?;
+        let tcp_state = TcpState::create(
+            &format!("{}-tcp.state", config.instance),
+            Geometry {
+                conns: config.tcp.max_connections,
+                listeners: config.tcp.max_listeners,
+                sndbuf: config.tcp.sndbuf,
+                rcvbuf: config.tcp.rcvbuf,
+            },
+        )
+        .map_err(|e| DaemonError::Shm(format!("tcp state table: {e}")))?;
+        let apps = vec![
+            Apps::new(17, UDP, "udp", AppLink::DEFAULT_TX, AppLink::DEFAULT_RX)
+                .map_err(io("hotplug socket pair"))?,
+            Apps::new(6, TCP, "tcp", TCP_APP_BUFFERS.0, TCP_APP_BUFFERS.1)
+                .map_err(io("hotplug socket pair"))?,
+        ];
         let services = config
             .services
             .iter()
@@ -248,6 +295,9 @@ impl Daemon {
             tap: None,
             driver_bell,
             udp_bell,
+            tcp_link,
+            tcp_state,
+            tcp_bell,
             apps,
             services,
             servers: Vec::new(),
@@ -288,6 +338,7 @@ impl Daemon {
             let bell = match *name {
                 "driver" => Some(&d.driver_bell),
                 "udp" => Some(&d.udp_bell),
+                "tcp" => Some(&d.tcp_bell),
                 _ => None,
             };
             if let Some(bell) = bell {
@@ -347,6 +398,7 @@ impl Daemon {
         let ip_region = self.control_region("ip");
         let driver_region = self.control_region("driver");
         let udp_region = self.control_region("udp");
+        let tcp_region = self.control_region("tcp");
         let log = self.log_file(self.servers[i].name);
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -384,21 +436,43 @@ impl Daemon {
                 }
                 let fds = [
                     ("bell", self.udp_bell.as_fd()),
-                    ("hotplug", self.apps.server_end()),
+                    ("hotplug", self.apps[UDP_APPS].server_end()),
+                ];
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+            }
+            "tcp" => {
+                let mut regions = vec![
+                    ("transport.tcp", self.tcp_link.region()),
+                    ("tcp.state", self.tcp_state.region()),
+                ];
+                if let Some(r) = &ip_region {
+                    regions.push(("peer.ip", r));
+                }
+                let fds = [
+                    ("bell", self.tcp_bell.as_fd()),
+                    ("hotplug", self.apps[TCP_APPS].server_end()),
                 ];
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
             _ => {
-                let mut regions = vec![("link", &link), ("transport.udp", self.udp_link.region())];
+                let mut regions = vec![
+                    ("link", &link),
+                    ("transport.udp", self.udp_link.region()),
+                    ("transport.tcp", self.tcp_link.region()),
+                ];
                 if let Some(r) = &driver_region {
                     regions.push(("peer.driver", r));
                 }
                 if let Some(r) = &udp_region {
                     regions.push(("peer.udp", r));
                 }
+                if let Some(r) = &tcp_region {
+                    regions.push(("peer.tcp", r));
+                }
                 let fds = [
                     ("bell.driver", self.driver_bell.as_fd()),
                     ("bell.udp", self.udp_bell.as_fd()),
+                    ("bell.tcp", self.tcp_bell.as_fd()),
                 ];
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
@@ -496,13 +570,19 @@ impl Daemon {
                 .collect(),
             apps: self
                 .apps
-                .conns
-                .values()
-                .map(|c| AppStatus {
-                    app: c.app,
-                    pid: c.pid,
-                    uid: c.uid,
-                    sockets: self.udp_state.app_socket_count(c.app),
+                .iter()
+                .flat_map(|set| {
+                    set.conns.values().map(move |c| AppStatus {
+                        app: c.app,
+                        pid: c.pid,
+                        uid: c.uid,
+                        server: set.label.to_string(),
+                        sockets: if set.protocol == 17 {
+                            self.udp_state.app_socket_count(c.app)
+                        } else {
+                            self.tcp_sockets_of(c.app)
+                        },
+                    })
                 })
                 .collect(),
         }
@@ -580,8 +660,8 @@ impl Daemon {
                     .any(|s| s.next_start.is_some() || !s.ready);
             let app_fds: Vec<std::os::fd::RawFd> = self
                 .apps
-                .conns
-                .values()
+                .iter()
+                .flat_map(|set| set.conns.values())
                 .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.stream))
                 .collect();
             let (signalled, connected, hung_up) = {
@@ -592,7 +672,12 @@ impl Daemon {
                     pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
                 }
                 let base = pfds.len();
-                let conns: Vec<&UnixStream> = self.apps.conns.values().map(|c| &c.stream).collect();
+                let conns: Vec<&UnixStream> = self
+                    .apps
+                    .iter()
+                    .flat_map(|set| set.conns.values())
+                    .map(|c| &c.stream)
+                    .collect();
                 for c in &conns {
                     pfds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
                 }
@@ -654,14 +739,36 @@ impl Daemon {
                 continue;
             }
             let Some(pid) = svc.pid() else { continue };
-            let app = self
-                .apps
-                .conns
-                .values()
-                .find(|c| c.pid == pid)
-                .map(|c| c.app);
-            svc.ready = app.is_some_and(|a| self.udp_state.app_has_socket(a));
+            let bound = self.apps.iter().any(|set| {
+                set.conns.values().any(|c| {
+                    c.pid == pid
+                        && if set.protocol == 17 {
+                            self.udp_state.app_has_socket(c.app)
+                        } else {
+                            self.tcp_state.app_has_listener(c.app)
+                        }
+                })
+            });
+            svc.ready = bound;
         }
+    }
+
+    /// Sockets (listeners and connections) application `app` holds on the tcp server.
+    fn tcp_sockets_of(&self, app: u32) -> usize {
+        let g = self.tcp_state.geometry();
+        let listeners = (0..g.listeners)
+            .filter(|&i| {
+                let m = self.tcp_state.listen_meta(i);
+                m.used == 1 && m.app == app
+            })
+            .count();
+        let conns = (0..g.conns)
+            .filter(|&i| {
+                let m = self.tcp_state.conn_meta(i);
+                m.used == 1 && m.app == app
+            })
+            .count();
+        listeners + conns
     }
 
     /// Reaps servers that exited on their own and starts them again.
@@ -678,7 +785,8 @@ impl Daemon {
             s.restarts += 1;
             release_rings(&self.link, pid);
             release_transport(&self.udp_link, pid);
-            for c in self.apps.conns.values() {
+            release_transport(&self.tcp_link, pid);
+            for c in self.apps.iter().flat_map(|set| set.conns.values()) {
                 c.link.release_claims_of(pid);
             }
             if let Err(e) = self.spawn(i) {
@@ -686,11 +794,12 @@ impl Daemon {
                 continue;
             }
             let _ = self.write_state();
-            if self.servers[i].name == "udp" {
-                // The fresh udp server maps every live application's region again.
-                let (apps, servers) = (&self.apps, &mut self.servers);
+            let name = self.servers[i].name;
+            if let Some(set) = self.apps.iter().find(|set| set.label == name) {
+                // The fresh transport server maps every live application's region again.
+                let servers = &mut self.servers;
                 let mut drain = || hotplug_drain(&mut servers[i]);
-                apps.resend_all(&mut drain);
+                set.resend_all(&mut drain);
             }
         }
     }
@@ -698,11 +807,16 @@ impl Daemon {
     /// An application's control connection is readable: EOF (or an error) detaches it; any
     /// other bytes are ignored.
     fn app_readable(&mut self, fd: std::os::fd::RawFd) {
-        let Some(app) = self.apps.by_fd(fd) else {
+        let Some((k, app)) = self
+            .apps
+            .iter()
+            .enumerate()
+            .find_map(|(k, set)| set.by_fd(fd).map(|a| (k, a)))
+        else {
             return;
         };
         let gone = {
-            let Some(c) = self.apps.conns.get(&app) else {
+            let Some(c) = self.apps[k].conns.get(&app) else {
                 return;
             };
             let _ = c.stream.set_nonblocking(true);
@@ -714,10 +828,11 @@ impl Daemon {
             }
         };
         if gone {
-            let udp = self.servers.iter().position(|s| s.name == "udp");
+            let label = self.apps[k].label;
+            let server = self.servers.iter().position(|s| s.name == label);
             let (apps, servers) = (&mut self.apps, &mut self.servers);
-            let mut drain = || udp.is_some_and(|i| hotplug_drain(&mut servers[i]));
-            apps.detach(app, &mut drain);
+            let mut drain = || server.is_some_and(|i| hotplug_drain(&mut servers[i]));
+            apps[k].detach(app, &mut drain);
         }
     }
 
@@ -797,16 +912,18 @@ impl Daemon {
 
     /// An application asks to attach: give it a region of its own (see `apps`).
     fn attach(&mut self, stream: UnixStream, protocol: u8) {
-        if protocol != 17 {
-            let message = format!("protocol {protocol} is not served here (udp is 17)");
+        let Some(k) = self.apps.iter().position(|set| set.protocol == protocol) else {
+            let message =
+                format!("protocol {protocol} is not served here (udp is 17, tcp is 6)");
             send(&stream, &Answer::Error { message }, &[]);
             return;
-        }
-        let Some(udp) = self.servers.iter().position(|s| s.name == "udp") else {
+        };
+        let label = self.apps[k].label;
+        let Some(server) = self.servers.iter().position(|s| s.name == label) else {
             send(
                 &stream,
                 &Answer::Error {
-                    message: "no udp server in this constellation".into(),
+                    message: format!("no {label} server in this constellation"),
                 },
                 &[],
             );
@@ -821,11 +938,16 @@ impl Daemon {
         };
         let instance = self.opts.config.instance.clone();
         let (apps, servers) = (&mut self.apps, &mut self.servers);
-        let mut drain = || hotplug_drain(&mut servers[udp]);
-        match apps.attach(&instance, stream, &mut drain) {
+        let mut drain = || hotplug_drain(&mut servers[server]);
+        match apps[k].attach(&instance, stream, &mut drain) {
             Ok(app) => {
-                let Some(conn) = self.apps.conns.get(&app) else {
+                let Some(conn) = self.apps[k].conns.get(&app) else {
                     return;
+                };
+                let bell = if protocol == 17 {
+                    self.udp_bell.as_fd()
+                } else {
+                    self.tcp_bell.as_fd()
                 };
                 let info = Attached {
                     app,
@@ -835,7 +957,7 @@ impl Daemon {
                 send(
                     &answer_to,
                     &Answer::Attached(info),
-                    &[conn.link.region().fd(), self.udp_bell.as_fd()],
+                    &[conn.link.region().fd(), bell],
                 );
             }
             Err(message) => {
@@ -850,7 +972,9 @@ impl Daemon {
         for svc in &mut self.services {
             svc.stop(Duration::from_secs(2));
         }
-        self.apps.conns.clear();
+        for set in &mut self.apps {
+            set.conns.clear();
+        }
         for s in self.servers.iter_mut().rev() {
             let Some(mut child) = s.child.take() else {
                 continue;

@@ -42,6 +42,9 @@ pub struct AppStatus {
     pub pid: u32,
     pub uid: u32,
     /// Sockets it holds in the udp server's table.
+    /// The transport server it is attached to ("udp" or "tcp").
+    #[serde(default)]
+    pub server: String,
     pub sockets: usize,
 }
 
@@ -129,8 +132,8 @@ impl StatusReport {
             s.push_str(&format!("\napplications attached: {}\n", self.apps.len()));
             for a in &self.apps {
                 s.push_str(&format!(
-                    "  app {:>4}  pid {:>7}  uid {:>5}  sockets {}\n",
-                    a.app, a.pid, a.uid, a.sockets
+                    "  {:<3} app {:>4}  pid {:>7}  uid {:>5}  sockets {}\n",
+                    a.server, a.app, a.pid, a.uid, a.sockets
                 ));
             }
         }

@@ -1,0 +1,1966 @@
+//! The `keepnet-tcp` server: the connection engine ([`crate::conn`]) and the listen backlog
+//! ([`crate::listen`]) on the ip<->tcp transport link, the state table in shared memory
+//! ([`crate::state`]), and one region per attached application (`keepnet_server::app`,
+//! docs/tcp.md).
+//!
+//! ## Boot contract (`keepnet_server::boot`)
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | region `transport.tcp` | RINGS | the [`TransportLink`] for protocol 6, transport endpoint [`TCP`] |
+//! | region `tcp.state` | GENERIC | the [`TcpState`] table (supervisor: [`TcpState::create`]) |
+//! | region `peer.ip` | CONTROL | the ip server's control block: its doorbell is rung after we publish to it (optional) |
+//! | fd `bell.ip` | eventfd | the eventfd of the ip server's doorbell (optional) |
+//! | fd `bell` | eventfd | this server's doorbell eventfd (taken by `Boot`); apps ring it |
+//! | fd `hotplug` | SOCK_SEQPACKET | the supervisor's [`Hotplug`] messages (optional, with a warning) |
+//! | env `KEEPNET_TCP_CONFIG` | JSON | [`ConfigJson`]: `{"addr":"198.18.0.2"}` and optional settings; unknown fields are refused |
+//!
+//! ## A poll, in one bounded batch
+//!
+//! 1. collect SEND_POOL buffers the ip server is done with;
+//! 2. read up to [`BATCH`] segments from `deliver` (take each buffer before committing the
+//!    slots), parse and check each ([`crate::wire`]: every malformation counted by its
+//!    reason), and hand it to its connection (RFC 9293 3.10.7.4), its listener (SYN queue
+//!    and cookies, [`crate::listen`]) or answer it with a RST (RFC 9293 3.10.7.1);
+//! 3. per application: collect RX buffers handed back (each opens its connection's delivery
+//!    allowance), then up to [`BATCH`] requests (LISTEN, CONNECT, SEND, CLOSE, SHUTDOWN,
+//!    SETOPT, ABORT). A SEND's buffer is kept until all of it is in the send ring;
+//! 4. fire due timers (a heap of absolute deadlines taken from each `Tcb`);
+//! 5. service every connection touched: move queued application bytes into its send ring,
+//!    hand received bytes to its application (DATA, at most the receive buffer size
+//!    outstanding per connection), report ACCEPTED / CONNECTED / EOF / ERROR, transmit what
+//!    the engine has due (no more segments than SEND_POOL buffers free), free it when done;
+//! 6. publish to the ip server and to each application, ring their doorbells once.
+//!
+//! ## Where state lives
+//!
+//! Listeners, their SYN queues and every connection's `Tcb`, send ring and receive ring are
+//! in `tcp.state` (shared memory, made by the supervisor): data is acknowledged only once it
+//! is in the receive ring there. What this process keeps besides is an index (4-tuple ->
+//! slot, port -> listener), the timer heap, and application SEND buffers not yet copied into
+//! a send ring (still in the application's region). Making a tcp-server crash transparent
+//! from this (re-indexing the slots, re-reading those buffers) is issue 6's.
+//!
+//! ## Trust
+//!
+//! Segments from the network and everything in an application's region are untrusted: a
+//! malformed segment is counted and dropped, a bad request or descriptor is counted
+//! (`drop.app_bad`) and answered with an error, a corrupt application ring detaches that
+//! application. Only errors on the transport link's rings stop the server.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use keepnet_ipc::{BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError};
+use keepnet_server::app::{
+    event, op, shut, sockopt, AppEvent, AppLink, AppRequest, AppServerEnds, Hotplug, Status,
+    APP_BUF, APP_HEADROOM, APP_RX_POOL,
+};
+use keepnet_server::control::{monotonic_ns, Counter};
+use keepnet_server::wiring::{
+    DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP,
+};
+use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+use crate::cc::CcAlgo;
+use crate::conn::Conn;
+use crate::counters::Ctr;
+use crate::isn::IsnGen;
+use crate::listen::{
+    self, AckAction, AckSeg, Expired, Listener, RstAction, Syn, SynAck, SynAction, SynRetry,
+    Timestamps,
+};
+use crate::seq::Seq;
+use crate::state::{meta, Meta, TcpState};
+use crate::tcb::{flag, State, Tcb, TcpConfig, TcpError};
+use crate::wire::{Flags, TcpRepr, TcpSegment, WireError};
+
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+
+/// Environment variable holding the JSON configuration.
+pub const CONFIG_ENV: &str = "KEEPNET_TCP_CONFIG";
+/// Region of the ip<->tcp transport link.
+pub const TRANSPORT_REGION: &str = "transport.tcp";
+/// Region of the state table.
+pub const STATE_REGION: &str = "tcp.state";
+/// Region of the ip server's control block (for its doorbell).
+pub const PEER_IP_REGION: &str = "peer.ip";
+/// Fd: the eventfd of the ip server's doorbell.
+pub const PEER_IP_BELL_FD: &str = "bell.ip";
+/// Fd: this server's end of the hotplug socket pair.
+pub const HOTPLUG_FD: &str = "hotplug";
+/// Segments read from `deliver`, and requests read from each application, per poll at most.
+pub const BATCH: usize = 64;
+/// Buffers collected from a return ring per poll at most.
+const COLLECT: usize = 512;
+/// SEND_POOL buffers kept back from data bursts for control segments (ACKs, RSTs, SYN-ACKs).
+const CONTROL_RESERVE: usize = 8;
+/// Tag before the payload of an APP_RX_POOL buffer: magic, then the connection's handle.
+const TAG_MAGIC: u32 = u32::from_le_bytes(*b"TCPT");
+const TAG_AT: u32 = APP_HEADROOM - 8;
+/// Largest hotplug message.
+const HOTPLUG_MAX: usize = 64 * 1024;
+/// Hotplug messages handled per `Command::Hotplug` at most.
+const HOTPLUG_BATCH: usize = 4096;
+/// Ephemeral ports (RFC 6335 8.1.2 dynamic range).
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// How often the listeners' SYN queues are checked for SYN-ACK retransmissions.
+const LISTEN_TICK_US: u64 = 50_000;
+/// Largest payload of one DATA event.
+const DATA_MAX: usize = (APP_BUF - APP_HEADROOM) as usize;
+/// Handle bit of a listener.
+const H_LISTENER: u32 = 1 << 31;
+const H_GEN_SHIFT: u32 = 20;
+const H_GEN_MASK: u32 = 0x7ff;
+const H_SLOT_MASK: u32 = (1 << H_GEN_SHIFT) - 1;
+
+fn now_us() -> u64 {
+    monotonic_ns() / 1000
+}
+
+/// The JSON form of the configuration (`KEEPNET_TCP_CONFIG`).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigJson {
+    /// keepnet's address (required).
+    pub addr: Ipv4Addr,
+    /// MSS we announce (default 1460: an MTU of 1500).
+    #[serde(default)]
+    pub mss: Option<u16>,
+    /// Accept queue when a LISTEN names none (default 128).
+    #[serde(default)]
+    pub backlog: Option<u32>,
+    /// TIME-WAIT in milliseconds (default 60000, RFC 9293 3.4.2: 2 MSL).
+    #[serde(default)]
+    pub time_wait_ms: Option<u64>,
+    /// Delayed ACK timeout in milliseconds (default 40; RFC 9293 3.8.6.3: under 0.5 s).
+    #[serde(default)]
+    pub delack_ms: Option<u64>,
+    /// Congestion control: "cubic" (default, RFC 9438) or "newreno" (RFC 5681/6582).
+    #[serde(default)]
+    pub cc: Option<String>,
+    /// Minimum RTO in milliseconds (default 200).
+    #[serde(default)]
+    pub min_rto_ms: Option<u64>,
+}
+
+/// The server's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: Ipv4Addr,
+    pub tcp: TcpConfig,
+    pub backlog: u32,
+}
+
+/// Parses `KEEPNET_TCP_CONFIG`.
+pub fn parse_config(text: &str) -> Result<Config, String> {
+    let j: ConfigJson = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let a = j.addr;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
+        return Err(format!("addr: {a} is not a unicast host address"));
+    }
+    let mut tcp = TcpConfig::default();
+    if let Some(m) = j.mss {
+        if !(536..=9000).contains(&m) {
+            return Err(format!("mss: {m} is outside 536..=9000"));
+        }
+        tcp.mss = m;
+    }
+    if let Some(t) = j.time_wait_ms {
+        if t > 240_000 {
+            return Err(format!("time_wait_ms: {t} is above 240000 (4 minutes)"));
+        }
+        tcp.time_wait = Duration::from_millis(t);
+    }
+    if let Some(d) = j.delack_ms {
+        if d >= 500 {
+            return Err(format!("delack_ms: {d} must be below 500 (RFC 9293 3.8.6.3)"));
+        }
+        tcp.delack = Duration::from_millis(d);
+    }
+    if let Some(r) = j.min_rto_ms {
+        if !(1..=1000).contains(&r) {
+            return Err(format!("min_rto_ms: {r} is outside 1..=1000"));
+        }
+        tcp.min_rto = Duration::from_millis(r);
+    }
+    if let Some(cc) = j.cc.as_deref() {
+        tcp.cc = match cc {
+            "cubic" => CcAlgo::Cubic,
+            "newreno" | "reno" => CcAlgo::NewReno,
+            other => return Err(format!("cc: {other:?} is not \"cubic\" or \"newreno\"")),
+        };
+    }
+    let backlog = j.backlog.unwrap_or(128);
+    if !(1..=65535).contains(&backlog) {
+        return Err(format!("backlog: {backlog} is outside 1..=65535"));
+    }
+    Ok(Config { addr: a, tcp, backlog })
+}
+
+/// Why an application's region could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Wiring(#[from] keepnet_server::wiring::WiringError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("attach of app {app}: {why}")]
+    Mismatch { app: u32, why: String },
+}
+
+/// One attached application.
+struct AppConn {
+    pid: u32,
+    endpoint: EndpointId,
+    link: AppLink,
+    ends: AppServerEnds,
+    rx_free: FreeList,
+    tx_retakes: Retakes,
+    server_bell: Doorbell,
+    app_bell: Doorbell,
+    events: Vec<AppEvent>,
+    tx_returns: Vec<Descriptor>,
+    broken: Option<RingError>,
+    uncommitted: usize,
+}
+
+impl AppConn {
+    fn event_room(&mut self) -> usize {
+        match self.ends.events.free_slots() {
+            Ok(n) => n.saturating_sub(self.events.len()),
+            Err(e) => {
+                self.broken = Some(e);
+                0
+            }
+        }
+    }
+
+    fn publish(&mut self) -> Result<(), RingError> {
+        let mut any = false;
+        if !self.events.is_empty() {
+            let pushed = self.ends.events.push_slice(&self.events)?;
+            any |= pushed > 0;
+            // Room was checked for every event; only a ring shrunk behind our back leaves
+            // some: their buffers come back to us.
+            for ev in self.events.drain(..).skip(pushed) {
+                if ev.kind == event::DATA {
+                    self.rx_free.put(ev.desc.index);
+                }
+            }
+        }
+        if !self.tx_returns.is_empty() {
+            let pushed = self.ends.tx_return.push_slice(&self.tx_returns)?;
+            any |= pushed > 0;
+            self.tx_returns.drain(..pushed);
+        }
+        self.ends.requests.commit(self.uncommitted)?;
+        self.uncommitted = 0;
+        self.ends.requests.rewind();
+        if any {
+            self.app_bell.ring();
+        }
+        Ok(())
+    }
+}
+
+fn read_tag(link: &AppLink, index: u32) -> Option<u32> {
+    let r = link
+        .rx_pool
+        .check(&Descriptor {
+            pool: APP_RX_POOL,
+            lease: 0,
+            index,
+            offset: TAG_AT,
+            len: 8,
+        })
+        .ok()?;
+    let mut b = [0u8; 8];
+    if link.rx_pool.read(&r, &mut b) != 8 {
+        return None;
+    }
+    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    (magic == TAG_MAGIC).then(|| u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+}
+
+fn conn_handle(slot: u32, gen: u32) -> u32 {
+    ((gen & H_GEN_MASK) << H_GEN_SHIFT) | (slot + 1)
+}
+
+fn listen_handle(slot: u32, gen: u32) -> u32 {
+    H_LISTENER | conn_handle(slot, gen)
+}
+
+/// (is a listener, slot, generation bits) of a handle; None for 0 or a slot of 0.
+fn split_handle(h: u32) -> Option<(bool, u32, u32)> {
+    let slot = h & H_SLOT_MASK;
+    if slot == 0 {
+        return None;
+    }
+    Some((
+        h & H_LISTENER != 0,
+        slot - 1,
+        (h >> H_GEN_SHIFT) & H_GEN_MASK,
+    ))
+}
+
+fn reply(req: &AppRequest, status: Status) -> AppEvent {
+    AppEvent {
+        kind: event::REPLY,
+        id: req.id,
+        socket: req.socket,
+        status: status.code(),
+        ..AppEvent::default()
+    }
+}
+
+fn error_status(e: Option<TcpError>) -> Status {
+    match e {
+        Some(TcpError::ConnectionRefused) => Status::ConnectionRefused,
+        Some(TcpError::ConnectionReset) => Status::ConnectionReset,
+        Some(TcpError::TimedOut) => Status::TimedOut,
+        Some(_) => Status::ConnectionAborted,
+        None => Status::ConnectionAborted,
+    }
+}
+
+/// A connection's per-process bookkeeping (rebuilt from the table on a restart).
+#[derive(Default)]
+struct Local {
+    /// Application SEND buffers not yet all in the send ring: descriptor, bytes done.
+    pending: VecDeque<(Descriptor, u32)>,
+    /// Deadline currently in the timer heap (0: none).
+    scheduled: u64,
+    /// Queued for servicing this poll.
+    dirty: bool,
+    /// The 4-tuple is in the index.
+    indexed: bool,
+}
+
+/// The server (module docs).
+pub struct TcpServer {
+    cfg: Config,
+    state: TcpState,
+    link: TransportLink,
+    ends: TransportEnds,
+    send_free: FreeList,
+    deliver_retakes: Retakes,
+    deliver_returns: Vec<Descriptor>,
+    send_batch: Vec<DatagramSlot>,
+    ip_bell: Option<Doorbell>,
+    own_bell: Doorbell,
+    apps: BTreeMap<u32, AppConn>,
+    hotplug: Option<UnixStream>,
+    hotplug_buf: Vec<u8>,
+    counters: Vec<Counter>,
+    gauges: [(Counter, u64); 3],
+    conn_index: HashMap<(u32, u16, u16), u32>,
+    listen_index: HashMap<u16, u32>,
+    free_conns: Vec<u32>,
+    free_listeners: Vec<u32>,
+    local: Vec<Local>,
+    timers: BinaryHeap<Reverse<(u64, u32)>>,
+    dirty: Vec<u32>,
+    /// Connections that found no SEND_POOL buffer: serviced again once some come back.
+    blocked: Vec<u32>,
+    next_listen_tick: u64,
+    isn: IsnGen,
+    ts_offset: u32,
+    rcv_shift: u8,
+    synack_window: u16,
+    ephemeral_cursor: u16,
+    scratch: Vec<u8>,
+    seg_buf: Vec<u8>,
+}
+
+/// Builds the server from its boot environment (the `keepnet-tcp` binary's whole job).
+pub fn build(boot: &mut Boot) -> Result<TcpServer, ServerError> {
+    let text = std::env::var(CONFIG_ENV).map_err(|e| {
+        ServerError::Fatal(format!(
+            "{CONFIG_ENV}: {e} (expected JSON such as {{\"addr\":\"198.18.0.2\"}})"
+        ))
+    })?;
+    let cfg = parse_config(&text).map_err(|e| ServerError::Fatal(format!("{CONFIG_ENV}: {e}")))?;
+    let region = boot.region(TRANSPORT_REGION, RegionKind::RINGS)?;
+    let link = TransportLink::open_for(region, PROTO_TCP, TCP)
+        .map_err(|e| ServerError::Fatal(format!("{TRANSPORT_REGION} region: {e}")))?;
+    let state = boot.region(STATE_REGION, RegionKind::GENERIC)?;
+    let table = TcpState::open(state)
+        .map_err(|e| ServerError::Fatal(format!("{STATE_REGION} region: {e}")))?;
+    let ip_bell = match boot.region(PEER_IP_REGION, RegionKind::CONTROL) {
+        Ok(r) => {
+            let bell = ControlBlock::open(r)?.doorbell().clone();
+            Some(match boot.fd(PEER_IP_BELL_FD) {
+                Some(fd) => bell.with_eventfd(fd),
+                None => bell,
+            })
+        }
+        Err(BootError::NoRegion(_)) => {
+            warn!("no {PEER_IP_REGION} region: the ip server is not woken when we send");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let hotplug = boot.fd(HOTPLUG_FD).map(UnixStream::from);
+    if hotplug.is_none() {
+        warn!("no {HOTPLUG_FD} fd: no application can attach");
+    }
+    TcpServer::new(cfg, link, table, ip_bell, hotplug, boot.control())
+}
+
+impl TcpServer {
+    /// Claims the transport ends of `link`, recovers its buffers, opens the table.
+    pub fn new(
+        cfg: Config,
+        link: TransportLink,
+        mut state: TcpState,
+        ip_bell: Option<Doorbell>,
+        hotplug: Option<UnixStream>,
+        control: &ControlBlock,
+    ) -> Result<TcpServer, ServerError> {
+        if link.protocol() != PROTO_TCP || link.transport() != TCP {
+            return Err(ServerError::Fatal(format!(
+                "transport link is for protocol {} endpoint {}, not tcp",
+                link.protocol(),
+                link.transport().0
+            )));
+        }
+        let ends = link.transport_ends()?;
+        let (outgoing, incoming) = link.transport_in_flight()?;
+        let send_free = FreeList::recover(&link.send_pool, TCP, &outgoing, &incoming);
+        let (held, deliver_retakes) = link.deliver_pool.recover(TCP, &outgoing, &incoming);
+        let deliver_returns: Vec<Descriptor> = held
+            .iter()
+            .map(|&i| link.deliver_pool.descriptor(i, 0))
+            .collect();
+        if let Some(h) = &hotplug {
+            h.set_nonblocking(true)
+                .map_err(|e| ServerError::Fatal(format!("hotplug socket: {e}")))?;
+        }
+        let geo = state.geometry();
+        // A predecessor's sockets: recovering them is issue 6's; until then they are
+        // dropped (applications see ConnectionAborted when they use them).
+        let mut stale = 0;
+        for i in 0..geo.conns {
+            if let Some((m, _, _, _)) = state.conn_mut(i) {
+                if m.used != 0 {
+                    stale += 1;
+                    m.used = 0;
+                    m.gen = m.gen.wrapping_add(1);
+                }
+            }
+        }
+        for i in 0..geo.listeners {
+            if let Some(l) = state.listen_mut(i) {
+                if l.meta.used != 0 {
+                    stale += 1;
+                    l.meta.used = 0;
+                    l.meta.gen = l.meta.gen.wrapping_add(1);
+                }
+            }
+        }
+        if stale > 0 {
+            warn!(stale, "sockets of a previous tcp server dropped (recovery comes with issue 6)");
+        }
+        let isn = IsnGen::from_entropy()
+            .map_err(|e| ServerError::Fatal(format!("reading /dev/urandom: {e}")))?;
+        let probe = Tcb::new(
+            &cfg.tcp,
+            SocketAddrV4::new(cfg.addr, 0),
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            state.rings(0).0,
+            state.rings(0).1,
+            1,
+        );
+        let ctr = |name: &str| control.counter(name);
+        let counters: Vec<Counter> = Ctr::ALL.iter().map(|c| ctr(c.name())).collect();
+        let gauge = |name: &str| {
+            let c = control.counter(name);
+            let v = c.get();
+            (c, v)
+        };
+        let seed = monotonic_ns() ^ (u64::from(std::process::id()) << 17);
+        info!(
+            addr = %cfg.addr,
+            conns = geo.conns,
+            listeners = geo.listeners,
+            sndbuf = geo.sndbuf,
+            rcvbuf = geo.rcvbuf,
+            send_free = send_free.len(),
+            "tcp server ready"
+        );
+        Ok(TcpServer {
+            synack_window: geo.rcvbuf.min(0xffff) as u16,
+            rcv_shift: probe.rcv_shift,
+            cfg,
+            send_free,
+            deliver_retakes,
+            deliver_returns,
+            send_batch: Vec::with_capacity(1024),
+            ends,
+            link,
+            ip_bell,
+            own_bell: control.doorbell().clone(),
+            apps: BTreeMap::new(),
+            hotplug,
+            hotplug_buf: vec![0u8; HOTPLUG_MAX],
+            counters,
+            gauges: [gauge("apps"), gauge("conns"), gauge("listeners")],
+            conn_index: HashMap::new(),
+            listen_index: HashMap::new(),
+            free_conns: (0..geo.conns).rev().collect(),
+            free_listeners: (0..geo.listeners).rev().collect(),
+            local: (0..geo.conns).map(|_| Local::default()).collect(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            blocked: Vec::new(),
+            next_listen_tick: 0,
+            isn,
+            ts_offset: (seed >> 7) as u32,
+            ephemeral_cursor: (seed as u16) | 0xc000,
+            state,
+            scratch: vec![0u8; DATAGRAM_BUF.max(APP_BUF) as usize],
+            seg_buf: vec![0u8; DATAGRAM_BUF as usize],
+        })
+    }
+
+    fn count(&self, c: Ctr) {
+        self.counters[c as usize].inc();
+    }
+
+    fn count_n(&self, c: Ctr, n: u64) {
+        if n > 0 {
+            self.counters[c as usize].add(n);
+        }
+    }
+
+    fn sync_gauges(&mut self) {
+        let values = [
+            self.apps.len() as u64,
+            (self.state.geometry().conns as usize - self.free_conns.len()) as u64,
+            (self.state.geometry().listeners as usize - self.free_listeners.len()) as u64,
+        ];
+        for (g, v) in self.gauges.iter_mut().zip(values) {
+            if g.1 != v {
+                g.0.add(v.wrapping_sub(g.1));
+                g.1 = v;
+            }
+        }
+    }
+
+    /// The applications attached.
+    pub fn attached(&self) -> Vec<u32> {
+        self.apps.keys().copied().collect()
+    }
+
+    fn ts_now(&self, now: u64) -> u32 {
+        ((now / 1000) as u32).wrapping_add(self.ts_offset)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Applications
+    // -----------------------------------------------------------------------------------
+
+    /// Attaches application `app` (process `pid`) with its region. False if attached already.
+    pub fn attach(&mut self, app: u32, pid: u32, region: Region) -> Result<bool, AttachError> {
+        if self.apps.contains_key(&app) {
+            return Ok(false);
+        }
+        let link = AppLink::open(region)?;
+        let bad = |why: String| AttachError::Mismatch { app, why };
+        if link.app() != app {
+            return Err(bad(format!("the region is app {}'s", link.app())));
+        }
+        if link.protocol() != PROTO_TCP || link.server() != TCP {
+            return Err(bad(format!(
+                "the region is for protocol {} server {}",
+                link.protocol(),
+                link.server().0
+            )));
+        }
+        let ends = link.server_ends()?;
+        let server_bell = link.server_bell()?;
+        let app_bell = link.app_bell()?;
+        let (outgoing, incoming) = link.server_in_flight()?;
+        let (held_rx, rx_retakes) = link.rx_pool.recover(TCP, &outgoing, &incoming);
+        let mut rx_free = FreeList::new(&link.rx_pool, TCP);
+        for &i in &held_rx {
+            rx_free.put(i);
+        }
+        *rx_free.retakes_mut() = rx_retakes;
+        let (held_tx, tx_retakes) = link.tx_pool.recover(TCP, &outgoing, &incoming);
+        let tx_returns: Vec<Descriptor> = held_tx
+            .iter()
+            .map(|&i| link.tx_pool.descriptor(i, 0))
+            .collect();
+        info!(app, pid, rx_free = rx_free.len(), "application attached");
+        self.apps.insert(
+            app,
+            AppConn {
+                pid,
+                endpoint: link.endpoint(),
+                link,
+                ends,
+                rx_free,
+                tx_retakes,
+                server_bell,
+                app_bell,
+                events: Vec::new(),
+                tx_returns,
+                broken: None,
+                uncommitted: 0,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Application `app` went away: its listeners close, its connections are aborted.
+    pub fn detach(&mut self, app: u32) -> usize {
+        let now = now_us();
+        let mut closed = 0;
+        for i in 0..self.state.geometry().listeners {
+            let owned = self
+                .state
+                .listen_mut(i)
+                .is_some_and(|l| l.meta.used == 1 && l.meta.app == app);
+            if owned {
+                self.close_listener(i, now);
+                closed += 1;
+            }
+        }
+        for i in 0..self.state.geometry().conns {
+            let owned = self
+                .state
+                .conn_mut(i)
+                .is_some_and(|(m, _, _, _)| m.used == 1 && m.app == app);
+            if owned {
+                self.local[i as usize].pending.clear();
+                if let Some((m, tcb, s, r)) = self.state.conn_mut(i) {
+                    m.app = 0;
+                    m.flags |= meta::ORPHAN;
+                    Conn::new(tcb, s, r).abort();
+                }
+                self.mark(i);
+                closed += 1;
+            }
+        }
+        if let Some(c) = self.apps.remove(&app) {
+            info!(app, pid = c.pid, closed, "application detached");
+        }
+        closed
+    }
+
+    fn live(&mut self, apps: &[u32]) {
+        let keep: HashSet<u32> = apps.iter().copied().collect();
+        let gone: Vec<u32> = self
+            .apps
+            .keys()
+            .copied()
+            .filter(|a| !keep.contains(a))
+            .collect();
+        for a in gone {
+            self.detach(a);
+        }
+    }
+
+    fn hotplug_one(&mut self, payload: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+        let msg: Hotplug =
+            serde_json::from_slice(payload).map_err(|e| format!("not a hotplug message: {e}"))?;
+        match msg {
+            Hotplug::Attach { app, pid } => {
+                if fds.len() != 1 {
+                    return Err(format!("attach of app {app} came with {} fds, not 1", fds.len()));
+                }
+                let Some(fd) = fds.pop() else {
+                    return Err(format!("attach of app {app} came with no fd"));
+                };
+                let region = Region::open(fd, RegionKind::RINGS)
+                    .map_err(|e| format!("attach of app {app}: {e}"))?;
+                self.attach(app, pid, region)
+                    .map(|_| ())
+                    .map_err(|e| format!("attach of app {app}: {e}"))
+            }
+            Hotplug::Detach { app } => {
+                self.detach(app);
+                Ok(())
+            }
+            Hotplug::Live { apps } => {
+                self.live(&apps);
+                Ok(())
+            }
+        }
+    }
+
+    /// The connection slot a handle of `app` names, if it is live.
+    fn conn_of(&mut self, app: u32, h: u32) -> Option<u32> {
+        let (listener, slot, gen) = split_handle(h)?;
+        if listener {
+            return None;
+        }
+        let m = self.state.conn_meta(slot);
+        (m.used == 1 && m.app == app && m.gen & H_GEN_MASK == gen && m.flags & meta::ORPHAN == 0)
+            .then_some(slot)
+    }
+
+    fn listener_of(&mut self, app: u32, h: u32) -> Option<u32> {
+        let (listener, slot, gen) = split_handle(h)?;
+        if !listener {
+            return None;
+        }
+        let l = self.state.listen_mut(slot)?;
+        (l.meta.used == 1 && l.meta.app == app && l.meta.gen & H_GEN_MASK == gen).then_some(slot)
+    }
+
+    /// Takes back RX buffers `app` handed back; each re-opens its connection's allowance.
+    fn collect_rx(&mut self, app: u32) -> Result<usize, RingError> {
+        let Some(c) = self.apps.get_mut(&app) else {
+            return Ok(0);
+        };
+        let mut descs = [Descriptor::default(); 64];
+        let mut done = 0;
+        let mut released: Vec<(u32, u32)> = Vec::new();
+        let mut bad = 0;
+        while done < COLLECT {
+            c.ends.rx_return.rewind();
+            let n = c.ends.rx_return.read(&mut descs)?;
+            if n == 0 {
+                break;
+            }
+            let mut took = Vec::with_capacity(n);
+            for d in &descs[..n] {
+                match c.link.rx_pool.take(d, c.endpoint, TCP, c.rx_free.retakes_mut()) {
+                    Ok(r) => took.push(r.index()),
+                    Err(_) => bad += 1,
+                }
+            }
+            c.ends.rx_return.commit(n)?;
+            for i in took {
+                if let Some(h) = read_tag(&c.link, i) {
+                    let len = read_len_tag(&c.link, i);
+                    released.push((h, len));
+                }
+                c.rx_free.put(i);
+            }
+            done += n;
+        }
+        self.count_n(Ctr::DropAppBad, bad);
+        for (h, len) in released {
+            if let Some(slot) = self.conn_of(app, h) {
+                if let Some((m, _, _, _)) = self.state.conn_mut(slot) {
+                    m.delivered = m.delivered.saturating_sub(len);
+                }
+                self.mark(slot);
+            }
+        }
+        Ok(done)
+    }
+
+    fn serve_app(&mut self, app: u32, now: u64) -> Result<u64, RingError> {
+        let mut work = self.collect_rx(app)? as u64;
+        let Some(c) = self.apps.get_mut(&app) else {
+            return Ok(work);
+        };
+        let room = c.event_room().min(BATCH);
+        let mut reqs = [AppRequest::default(); BATCH];
+        c.ends.requests.rewind();
+        let n = c.ends.requests.read(&mut reqs[..room])?;
+        for req in &reqs[..n] {
+            if let Some(ev) = self.request(app, req, now) {
+                if let Some(c) = self.apps.get_mut(&app) {
+                    c.events.push(ev);
+                }
+            }
+        }
+        if let Some(c) = self.apps.get_mut(&app) {
+            c.uncommitted = n;
+        }
+        work += n as u64;
+        Ok(work)
+    }
+
+    /// Carries out one request; returns the answer to queue, if any.
+    fn request(&mut self, app: u32, req: &AppRequest, now: u64) -> Option<AppEvent> {
+        let wants = req.id != 0;
+        match req.op {
+            op::LISTEN => Some(match self.listen(app, req) {
+                Ok(ev) => ev,
+                Err(st) => reply(req, st),
+            }),
+            op::CONNECT => Some(match self.connect(app, req, now) {
+                Ok(ev) => ev,
+                Err(st) => reply(req, st),
+            }),
+            op::SEND => {
+                self.send(app, req);
+                None
+            }
+            op::CLOSE => {
+                let st = self.close(app, req.socket, false, now);
+                wants.then(|| reply(req, st))
+            }
+            op::ABORT => {
+                let st = self.close(app, req.socket, true, now);
+                wants.then(|| reply(req, st))
+            }
+            op::SHUTDOWN => {
+                let st = match self.conn_of(app, req.socket) {
+                    None => Status::BadSocket,
+                    Some(slot) => {
+                        if let Some((m, _, _, _)) = self.state.conn_mut(slot) {
+                            if req._reserved & shut::READ != 0 {
+                                m.flags |= meta::SHUT_RD;
+                            }
+                            if req._reserved & shut::WRITE != 0 {
+                                m.flags |= meta::SHUTWR_AFTER_DRAIN;
+                            }
+                        }
+                        self.mark(slot);
+                        Status::Ok
+                    }
+                };
+                wants.then(|| reply(req, st))
+            }
+            op::SETOPT => {
+                let st = match self.conn_of(app, req.socket) {
+                    None => Status::BadSocket,
+                    Some(slot) => match self.state.conn_mut(slot) {
+                        Some((_, tcb, s, r)) => {
+                            let mut conn = Conn::new(tcb, s, r);
+                            match req._reserved {
+                                sockopt::NODELAY => {
+                                    conn.set_nodelay(req.addr != 0);
+                                    Status::Ok
+                                }
+                                sockopt::KEEPALIVE => {
+                                    conn.set_keepalive(req.addr != 0);
+                                    Status::Ok
+                                }
+                                _ => Status::InvalidInput,
+                            }
+                        }
+                        None => Status::BadSocket,
+                    },
+                };
+                if st == Status::Ok {
+                    if let Some(slot) = self.conn_of(app, req.socket) {
+                        self.mark(slot);
+                    }
+                }
+                wants.then(|| reply(req, st))
+            }
+            _ => {
+                self.count(Ctr::DropAppBad);
+                wants.then(|| reply(req, Status::Unsupported))
+            }
+        }
+    }
+
+    fn local_addr_ok(&self, addr: u32) -> bool {
+        addr == 0 || Ipv4Addr::from(addr) == self.cfg.addr
+    }
+
+    fn listen(&mut self, app: u32, req: &AppRequest) -> Result<AppEvent, Status> {
+        if !self.local_addr_ok(req.addr) {
+            return Err(Status::AddrNotAvailable);
+        }
+        let port = if req.port == 0 {
+            self.pick_port(None).ok_or(Status::AddrInUse)?
+        } else {
+            req.port
+        };
+        if self.listen_index.contains_key(&port) {
+            return Err(Status::AddrInUse);
+        }
+        let slot = self.free_listeners.pop().ok_or(Status::NoSockets)?;
+        let backlog = if req._reserved == 0 {
+            self.cfg.backlog
+        } else {
+            req._reserved.min(65535)
+        };
+        let local = SocketAddrV4::new(self.cfg.addr, port);
+        let mut listener = Listener::new(local, backlog, self.cfg.tcp.mss, self.synack_window);
+        listener.set(Listener::WSCALE, self.cfg.tcp.window_scaling);
+        listener.set(Listener::SACK, self.cfg.tcp.sack);
+        listener.set(Listener::TIMESTAMPS, self.cfg.tcp.timestamps);
+        let synq = listen::SynQueue::new(
+            *self.isn.secret(),
+            (backlog as usize).max(128),
+            SynRetry::default(),
+        );
+        let Some(l) = self.state.listen_mut(slot) else {
+            return Err(Status::NoSockets);
+        };
+        let gen = l.meta.gen;
+        l.listener = listener;
+        l.synq = synq;
+        l.meta = Meta {
+            used: 1,
+            gen,
+            app,
+            flags: meta::LISTENER,
+            parent: 0,
+            delivered: 0,
+            req_id: req.id,
+            backlog,
+        };
+        self.listen_index.insert(port, slot);
+        debug!(app, port, backlog, "listening");
+        Ok(AppEvent {
+            socket: listen_handle(slot, gen),
+            addr: u32::from(self.cfg.addr),
+            port,
+            ..reply(req, Status::Ok)
+        })
+    }
+
+    /// An ephemeral port free for `remote` (any remote: free of every connection) and not
+    /// listened on (RFC 6056 3.3.1-like: a moving cursor from a random start).
+    fn pick_port(&mut self, remote: Option<SocketAddrV4>) -> Option<u16> {
+        let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+        for _ in 0..span {
+            self.ephemeral_cursor = self.ephemeral_cursor.wrapping_add(1);
+            let p = EPHEMERAL.start() + (u32::from(self.ephemeral_cursor) % span) as u16;
+            if self.listen_index.contains_key(&p) {
+                continue;
+            }
+            let used = match remote {
+                Some(r) => self
+                    .conn_index
+                    .contains_key(&(u32::from(*r.ip()), r.port(), p)),
+                None => self.conn_index.keys().any(|k| k.2 == p),
+            };
+            if !used {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    fn alloc_conn(&mut self, app: u32, local: SocketAddrV4, remote: SocketAddrV4, now: u64) -> Option<(u32, u32)> {
+        let slot = self.free_conns.pop()?;
+        let (sg, rg) = self.state.rings(slot);
+        let tcfg = self.cfg.tcp.clone();
+        let Some((m, tcb, _, _)) = self.state.conn_mut(slot) else {
+            return None;
+        };
+        let gen = m.gen;
+        *tcb = Tcb::new(&tcfg, local, remote, sg, rg, now);
+        *m = Meta {
+            used: 1,
+            gen,
+            app,
+            ..Meta::default()
+        };
+        self.local[slot as usize] = Local::default();
+        self.conn_index
+            .insert((u32::from(*remote.ip()), remote.port(), local.port()), slot);
+        self.local[slot as usize].indexed = true;
+        Some((slot, gen))
+    }
+
+    fn connect(&mut self, app: u32, req: &AppRequest, now: u64) -> Result<AppEvent, Status> {
+        let ip = Ipv4Addr::from(req.addr);
+        if req.port == 0 || ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+            return Err(Status::InvalidInput);
+        }
+        let remote = SocketAddrV4::new(ip, req.port);
+        let port = self.pick_port(Some(remote)).ok_or(Status::AddrNotAvailable)?;
+        let local = SocketAddrV4::new(self.cfg.addr, port);
+        let (slot, gen) = self.alloc_conn(app, local, remote, now).ok_or(Status::NoSockets)?;
+        let iss = Seq(self.isn.isn(local, remote, now));
+        if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
+            m.flags |= meta::CONNECT_PENDING;
+            m.req_id = req.id;
+            // A fresh CLOSED block: connect cannot fail.
+            let _ = Conn::new(tcb, s, r).connect(iss, now);
+        }
+        self.mark(slot);
+        Ok(AppEvent {
+            socket: conn_handle(slot, gen),
+            addr: u32::from(self.cfg.addr),
+            port,
+            ..reply(req, Status::Ok)
+        })
+    }
+
+    fn send(&mut self, app: u32, req: &AppRequest) {
+        let slot = self.conn_of(app, req.socket);
+        let Some(c) = self.apps.get_mut(&app) else {
+            return;
+        };
+        let r = match c.link.tx_pool.take(&req.desc, c.endpoint, TCP, &mut c.tx_retakes) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(app, %e, "bad send descriptor dropped");
+                self.count(Ctr::DropAppBad);
+                return;
+            }
+        };
+        let d = Descriptor {
+            pool: req.desc.pool,
+            lease: 0,
+            index: r.index(),
+            offset: r.offset(),
+            len: r.len(),
+        };
+        match slot {
+            Some(slot) => {
+                self.local[slot as usize].pending.push_back((d, 0));
+                self.mark(slot);
+            }
+            None => {
+                // A dead or foreign handle: the bytes go nowhere, the buffer goes back.
+                c.tx_returns.push(c.link.tx_pool.descriptor(r.index(), 0));
+                self.count(Ctr::DropAppBad);
+            }
+        }
+    }
+
+    fn close(&mut self, app: u32, h: u32, abort: bool, now: u64) -> Status {
+        if let Some(slot) = self.listener_of(app, h) {
+            self.close_listener(slot, now);
+            return Status::Ok;
+        }
+        let Some(slot) = self.conn_of(app, h) else {
+            return Status::BadSocket;
+        };
+        let unread = self
+            .state
+            .conn_mut(slot)
+            .is_some_and(|(_, tcb, _, _)| tcb.rcv_ring.len > 0);
+        if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
+            m.flags |= meta::ORPHAN;
+            m.app = 0;
+            let mut conn = Conn::new(tcb, s, r);
+            // RFC 9293 3.10.4 / RFC 1122 4.2.2.13: closing with data unread resets.
+            if abort || unread || conn.state() == State::SynSent {
+                conn.abort();
+            } else {
+                m.flags |= meta::CLOSE_AFTER_DRAIN;
+            }
+        }
+        if abort {
+            // The buffers go back now; their bytes will not be sent.
+            let pending: Vec<_> = self.local[slot as usize].pending.drain(..).collect();
+            if let Some(c) = self.apps.get_mut(&app) {
+                for (d, _) in pending {
+                    c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
+                }
+            }
+        }
+        self.mark(slot);
+        Status::Ok
+    }
+
+    fn close_listener(&mut self, slot: u32, now: u64) {
+        let Some(l) = self.state.listen_mut(slot) else {
+            return;
+        };
+        let port = l.listener.local_port;
+        let h = listen_handle(slot, l.meta.gen);
+        l.meta.used = 0;
+        l.meta.gen = l.meta.gen.wrapping_add(1);
+        self.listen_index.remove(&port);
+        self.free_listeners.push(slot);
+        // Connections it made that the application has not been told of are reset.
+        for i in 0..self.state.geometry().conns {
+            let child = self.state.conn_meta(i);
+            if child.used == 1 && child.flags & meta::ACCEPT_PENDING != 0 && child.parent == h {
+                if let Some((m, tcb, s, r)) = self.state.conn_mut(i) {
+                    m.flags |= meta::ORPHAN;
+                    m.flags &= !meta::ACCEPT_PENDING;
+                    m.app = 0;
+                    Conn::new(tcb, s, r).abort();
+                }
+                self.mark(i);
+            }
+        }
+        let _ = now;
+        debug!(port, "listener closed");
+    }
+
+    fn mark(&mut self, slot: u32) {
+        if let Some(l) = self.local.get_mut(slot as usize) {
+            if !l.dirty {
+                l.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Segments in
+    // -----------------------------------------------------------------------------------
+
+    fn deliver(&mut self, now: u64) -> Result<u64, ServerError> {
+        let mut slots = [DatagramSlot::default(); BATCH];
+        self.ends.deliver.rewind();
+        let n = self.ends.deliver.read(&mut slots)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut taken: [Option<BufRef>; BATCH] = [None; BATCH];
+        for (t, s) in taken.iter_mut().zip(&slots[..n]) {
+            match self
+                .link
+                .deliver_pool
+                .take(&s.desc, IP, TCP, &mut self.deliver_retakes)
+            {
+                Ok(r) => *t = Some(r),
+                Err(e) => {
+                    self.count(Ctr::DropDescBad);
+                    warn!(%e, "bad deliver descriptor dropped");
+                }
+            }
+        }
+        self.ends.deliver.commit(n)?;
+        for (s, r) in slots[..n].iter().zip(taken) {
+            let Some(r) = r else { continue };
+            if s.protocol != PROTO_TCP {
+                self.count(Ctr::DropBadSlot);
+            } else if s.kind == DatagramSlot::KIND_DATAGRAM {
+                let len = self.link.deliver_pool.read(&r, &mut self.scratch);
+                let mut seg = std::mem::take(&mut self.scratch);
+                self.segment(now, Ipv4Addr::from(s.src), Ipv4Addr::from(s.dst), &seg[..len]);
+                std::mem::swap(&mut self.scratch, &mut seg);
+            } else if s.kind == DatagramSlot::KIND_ICMP_ERROR {
+                // RFC 5461 / RFC 1122 4.2.3.9: ICMP errors are soft errors for TCP; the
+                // retransmission timers decide.
+                self.count(Ctr::IcmpIn);
+            } else {
+                self.count(Ctr::DropBadSlot);
+            }
+            self.deliver_returns
+                .push(self.link.deliver_pool.descriptor(r.index(), 0));
+        }
+        Ok(n as u64)
+    }
+
+    fn wire_drop(&self, e: WireError) {
+        self.count(match e {
+            WireError::Short => Ctr::DropShort,
+            WireError::DataOffset | WireError::HeaderOverrun => Ctr::DropDataOffset,
+            WireError::Checksum => Ctr::DropChecksum,
+            WireError::IllegalFlags => Ctr::DropIllegalFlags,
+            WireError::OptionTruncated
+            | WireError::OptionLenTooSmall
+            | WireError::OptionOverrun
+            | WireError::OptionSize => Ctr::DropBadOption,
+            WireError::BufferTooSmall => Ctr::DropShort,
+        });
+    }
+
+    /// One TCP segment from `src` to `dst` (RFC 9293 3.10.7).
+    fn segment(&mut self, now: u64, src: Ipv4Addr, dst: Ipv4Addr, bytes: &[u8]) {
+        self.count(Ctr::RxSegments);
+        let seg = match TcpSegment::new_checked(bytes) {
+            Ok(s) => s,
+            Err(e) => return self.wire_drop(e),
+        };
+        let repr = match TcpRepr::parse(&seg, src, dst) {
+            Ok(r) => r,
+            Err(e) => return self.wire_drop(e),
+        };
+        let payload = seg.payload();
+        self.count_n(Ctr::RxBytes, payload.len() as u64);
+        if repr.flags.rst() {
+            self.count(Ctr::RxRst);
+        }
+        if dst != self.cfg.addr {
+            return self.count(Ctr::DropNoSocket);
+        }
+        if let Some(&slot) = self
+            .conn_index
+            .get(&(u32::from(src), repr.src_port, repr.dst_port))
+        {
+            return self.conn_segment(slot, now, &repr, payload);
+        }
+        if let Some(&slot) = self.listen_index.get(&repr.dst_port) {
+            return self.listener_segment(slot, now, src, dst, &repr, payload);
+        }
+        // RFC 9293 3.10.7.1, CLOSED: "An incoming segment not containing a RST causes a RST
+        // to be sent in response."
+        self.count(Ctr::DropNoSocket);
+        if let Some(rst) = TcpRepr::rst_reply(&repr, payload.len()) {
+            self.emit(dst, src, &rst, &[]);
+        }
+    }
+
+    fn conn_segment(&mut self, slot: u32, now: u64, repr: &TcpRepr, payload: &[u8]) {
+        let Some((m, tcb, s, r)) = self.state.conn_mut(slot) else {
+            return;
+        };
+        let (dropped, challenges) = (tcb.dropped, tcb.challenge_acks);
+        let shut_rd = m.flags & meta::SHUT_RD != 0;
+        let mut conn = Conn::new(tcb, s, r);
+        conn.on_segment(now, repr, payload);
+        if shut_rd {
+            // Reading is shut down: what arrives is acknowledged and thrown away.
+            let mut sink = [0u8; 4096];
+            while conn.recv(&mut sink).unwrap_or(0) > 0 {}
+        }
+        let (d2, c2) = (conn.tcb.dropped, conn.tcb.challenge_acks);
+        self.count_n(Ctr::DropUnacceptable, u64::from(d2.wrapping_sub(dropped)));
+        self.count_n(Ctr::ChallengeAcks, u64::from(c2.wrapping_sub(challenges)));
+        self.mark(slot);
+    }
+
+    fn listener_segment(
+        &mut self,
+        lslot: u32,
+        now: u64,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        repr: &TcpRepr,
+        payload: &[u8],
+    ) {
+        let local = SocketAddrV4::new(dst, repr.dst_port);
+        let remote = SocketAddrV4::new(src, repr.src_port);
+        let ts_now = self.ts_now(now);
+        let f = repr.flags;
+        if f.rst() {
+            let Some(l) = self.state.listen_mut(lslot) else { return };
+            match listen::on_rst_for_listener(&l.listener, &mut l.synq, remote, local, repr.seq.0) {
+                RstAction::ChallengeAck { seq, ack, .. } => {
+                    self.count(Ctr::ChallengeAcks);
+                    let a = TcpRepr {
+                        src_port: local.port(),
+                        dst_port: remote.port(),
+                        seq: Seq(seq),
+                        ack: Seq(ack),
+                        flags: Flags::ACK,
+                        window: self.synack_window,
+                        ..TcpRepr::default()
+                    };
+                    self.emit(dst, src, &a, &[]);
+                }
+                RstAction::Removed(_) | RstAction::Ignore => {}
+            }
+            return;
+        }
+        if f.syn() && !f.ack() {
+            let syn = Syn {
+                local,
+                remote,
+                seq: repr.seq.0,
+                mss: repr.mss,
+                wscale: repr.window_scale,
+                sack_permitted: repr.sack_permitted,
+                tsval: repr.timestamps.map(|t| t.0),
+            };
+            let Some(l) = self.state.listen_mut(lslot) else { return };
+            let action = listen::on_syn(&mut l.listener, &mut l.synq, &self.isn, &syn, now, ts_now);
+            match action {
+                SynAction::Queued(a) | SynAction::Retransmit(a) => {
+                    self.count(Ctr::SynAcks);
+                    self.emit_synack(&a, ts_now);
+                }
+                SynAction::Cookie(a) => {
+                    self.count(Ctr::Cookies);
+                    self.emit_synack(&a, ts_now);
+                }
+                SynAction::Drop(listen::SynDrop::AcceptQueueFull) => self.count(Ctr::DropAcceptQueue),
+                SynAction::Drop(_) => self.count(Ctr::DropSynQueue),
+            }
+            return;
+        }
+        if f.ack() && !f.syn() {
+            let seg = AckSeg {
+                local,
+                remote,
+                seq: repr.seq.0,
+                ack: repr.ack.0,
+                ts: repr.timestamps.map(|(tsval, tsecr)| Timestamps { tsval, tsecr }),
+            };
+            let secret = *self.isn.secret();
+            let Some(l) = self.state.listen_mut(lslot) else { return };
+            let lmeta = l.meta;
+            match listen::on_ack_for_listener(&mut l.listener, &mut l.synq, &secret, &seg, now) {
+                AckAction::Established(e) => {
+                    if e.from_cookie {
+                        self.count(Ctr::CookiesOk);
+                    }
+                    let Some((slot, _)) = self.alloc_conn(lmeta.app, local, remote, now) else {
+                        self.count(Ctr::DropNoConns);
+                        if let Some(l) = self.state.listen_mut(lslot) {
+                            l.listener.accepted();
+                        }
+                        if let Some(rst) = TcpRepr::rst_reply(repr, payload.len()) {
+                            self.emit(dst, src, &rst, &[]);
+                        }
+                        return;
+                    };
+                    let (ts_offset, window) = (self.ts_offset, self.synack_window);
+                    if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
+                        m.flags |= meta::ACCEPT_PENDING;
+                        m.parent = listen_handle(lslot, lmeta.gen);
+                        let mut conn = Conn::new(tcb, s, r);
+                        conn.establish(&e, ts_offset, window, now);
+                        conn.on_segment(now, repr, payload);
+                    }
+                    self.count(Ctr::Accepted);
+                    self.mark(slot);
+                }
+                AckAction::Drop(listen::AckDrop::AcceptQueueFull) => self.count(Ctr::DropAcceptQueue),
+                AckAction::Drop(_) => self.count(Ctr::DropUnacceptable),
+                AckAction::Reset => {
+                    if let Some(rst) = TcpRepr::rst_reply(repr, payload.len()) {
+                        self.emit(dst, src, &rst, &[]);
+                    }
+                }
+            }
+            return;
+        }
+        // SYN,ACK (or anything else) to a listener: RFC 9293 3.10.7.2 "second, check for an
+        // ACK ... <SEQ=SEG.ACK><CTL=RST>".
+        self.count(Ctr::DropNoSocket);
+        if let Some(rst) = TcpRepr::rst_reply(repr, payload.len()) {
+            self.emit(dst, src, &rst, &[]);
+        }
+    }
+
+    fn emit_synack(&mut self, a: &SynAck, ts_now: u32) {
+        let r = TcpRepr {
+            src_port: a.local.port(),
+            dst_port: a.remote.port(),
+            seq: Seq(a.seq),
+            ack: Seq(a.ack),
+            flags: Flags::SYN | Flags::ACK,
+            // RFC 7323 2.2: the window of a SYN segment is never scaled.
+            window: self.synack_window,
+            mss: Some(self.cfg.tcp.mss),
+            window_scale: a.window_scale.then_some(self.rcv_shift),
+            sack_permitted: a.sack_permitted,
+            timestamps: a.ts_echo.map(|echo| (a.tsval.unwrap_or(ts_now), echo)),
+            ..TcpRepr::default()
+        };
+        self.emit(*a.local.ip(), *a.remote.ip(), &r, &[]);
+    }
+
+    /// Queues one segment for the ip server. False if no SEND_POOL buffer was free.
+    fn emit(&mut self, src: Ipv4Addr, dst: Ipv4Addr, r: &TcpRepr, payload: &[u8]) -> bool {
+        emit_to(
+            &self.link,
+            &mut self.send_free,
+            &mut self.send_batch,
+            &mut self.seg_buf,
+            &self.counters,
+            src,
+            dst,
+            r,
+            payload,
+        )
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Timers and connection service
+    // -----------------------------------------------------------------------------------
+
+    fn fire_timers(&mut self, now: u64) -> u64 {
+        let mut fired = 0;
+        while let Some(&Reverse((t, slot))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let l = &mut self.local[slot as usize];
+            if l.scheduled != t {
+                continue;
+            }
+            l.scheduled = 0;
+            if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
+                if m.used == 1 {
+                    let retransmits = tcb.retransmits;
+                    Conn::new(tcb, s, r).on_tick(now);
+                    let d = tcb.retransmits.wrapping_sub(retransmits);
+                    self.count_n(Ctr::Retransmits, u64::from(d));
+                }
+            }
+            self.mark(slot);
+            fired += 1;
+        }
+        if now >= self.next_listen_tick {
+            self.next_listen_tick = now + LISTEN_TICK_US;
+            self.tick_listeners(now);
+        }
+        fired
+    }
+
+    fn tick_listeners(&mut self, now: u64) {
+        let slots: Vec<u32> = self.listen_index.values().copied().collect();
+        let ts_now = self.ts_now(now);
+        for slot in slots {
+            let mut resend = Vec::new();
+            if let Some(l) = self.state.listen_mut(slot) {
+                listen::on_tick(&mut l.listener, &mut l.synq, now, |e| {
+                    if let Expired::Retransmit(entry) = e {
+                        resend.push(entry.syn_ack());
+                    }
+                });
+            }
+            for a in resend {
+                self.emit_synack(&a, ts_now);
+            }
+        }
+    }
+
+    /// Everything a touched connection has due (module docs, step 5).
+    fn service(&mut self, slot: u32, now: u64) {
+        self.local[slot as usize].dirty = false;
+        let m = self.state.conn_meta(slot);
+        if m.used != 1 {
+            return;
+        }
+        let app = m.app;
+        let handle = conn_handle(slot, m.gen);
+        // 1. Application bytes into the send ring, in order.
+        self.fill_send_ring(slot, app);
+        // 2. Deferred close / shutdown once every queued byte is in the ring.
+        if self.local[slot as usize].pending.is_empty() {
+            if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
+                let mut conn = Conn::new(tcb, s, r);
+                if m.flags & meta::CLOSE_AFTER_DRAIN != 0 {
+                    m.flags &= !(meta::CLOSE_AFTER_DRAIN | meta::SHUTWR_AFTER_DRAIN);
+                    let _ = conn.close();
+                } else if m.flags & meta::SHUTWR_AFTER_DRAIN != 0 {
+                    m.flags &= !meta::SHUTWR_AFTER_DRAIN;
+                    let _ = conn.shutdown_write();
+                }
+            }
+        }
+        // 3. Received bytes and news to the application.
+        if app != 0 {
+            self.to_app(slot, app, handle);
+        }
+        // 4. Segments out.
+        self.transmit(slot, now);
+        // 5. Free a finished orphan; schedule the next timer.
+        let Some((m, tcb, s, r)) = self.state.conn_mut(slot) else {
+            return;
+        };
+        let conn = Conn::new(tcb, s, r);
+        let st = conn.state();
+        let deadline = conn.next_deadline();
+        let key = (conn.tcb.remote_ip, conn.tcb.remote_port, conn.tcb.local_port);
+        if st == State::Closed {
+            if m.flags & meta::ORPHAN != 0 {
+                m.used = 0;
+                m.gen = m.gen.wrapping_add(1);
+                self.free_conns.push(slot);
+                self.count(Ctr::Closed);
+                let l = &mut self.local[slot as usize];
+                l.pending.clear();
+            }
+            if self.local[slot as usize].indexed {
+                self.local[slot as usize].indexed = false;
+                if self.conn_index.get(&key) == Some(&slot) {
+                    self.conn_index.remove(&key);
+                }
+            }
+            return;
+        }
+        if let Some(d) = deadline {
+            let l = &mut self.local[slot as usize];
+            if l.scheduled == 0 || d < l.scheduled {
+                l.scheduled = d;
+                self.timers.push(Reverse((d, slot)));
+            }
+        }
+    }
+
+    fn fill_send_ring(&mut self, slot: u32, app: u32) {
+        if self.local[slot as usize].pending.is_empty() {
+            return;
+        }
+        let Some(c) = self.apps.get_mut(&app) else {
+            self.local[slot as usize].pending.clear();
+            return;
+        };
+        let Some((_, tcb, s, r)) = self.state.conn_mut(slot) else {
+            return;
+        };
+        let mut conn = Conn::new(tcb, s, r);
+        let pending = &mut self.local[slot as usize].pending;
+        let mut accepted = 0u64;
+        while let Some(&mut (d, ref mut done)) = pending.front_mut() {
+            let room = conn.send_capacity() as usize;
+            let left = (d.len - *done) as usize;
+            if room == 0 && left > 0 {
+                break;
+            }
+            let n = left.min(room);
+            if n > 0 {
+                let span = Descriptor {
+                    offset: d.offset + *done,
+                    len: n as u32,
+                    ..d
+                };
+                let got = match c.link.tx_pool.check(&span) {
+                    Ok(br) => c.link.tx_pool.read(&br, &mut self.scratch[..n]),
+                    Err(_) => 0,
+                };
+                match conn.send(&self.scratch[..got]) {
+                    Ok(k) => {
+                        *done += k as u32;
+                        accepted += k as u64;
+                        if k < got {
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        // The connection cannot take data any more: drop what is queued
+                        // (the application hears of the error as an ERROR event).
+                        *done = d.len;
+                    }
+                }
+                if got < n {
+                    *done = d.len;
+                }
+            }
+            if *done >= d.len {
+                c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
+                pending.pop_front();
+            }
+        }
+        self.counters[Ctr::AcceptedBytes as usize].add(accepted);
+    }
+
+    /// Hands ACCEPTED for an established child of a listener to the application.
+    /// False if it cannot be told yet (no room on its events ring).
+    fn announce_accept(&mut self, slot: u32, app: u32, handle: u32) -> bool {
+        let m = self.state.conn_meta(slot);
+        let Some((is_listener, lslot, lgen)) = split_handle(m.parent) else {
+            return true;
+        };
+        let lm = self.state.listen_meta(lslot);
+        if !is_listener || lm.used != 1 || lm.gen & H_GEN_MASK != lgen {
+            return true;
+        }
+        let Some(c) = self.apps.get_mut(&app) else {
+            return false;
+        };
+        if c.event_room() == 0 {
+            return false;
+        }
+        let Some((m, tcb, _, _)) = self.state.conn_mut(slot) else {
+            return false;
+        };
+        m.flags &= !meta::ACCEPT_PENDING;
+        c.events.push(AppEvent {
+            kind: event::ACCEPTED,
+            socket: m.parent,
+            id: handle,
+            addr: tcb.remote_ip,
+            port: tcb.remote_port,
+            ..AppEvent::default()
+        });
+        if let Some(l) = self.state.listen_mut(lslot) {
+            l.listener.accepted();
+        }
+        true
+    }
+
+    fn to_app(&mut self, slot: u32, app: u32, handle: u32) {
+        if self.state.conn_meta(slot).flags & meta::ACCEPT_PENDING != 0
+            && !self.announce_accept(slot, app, handle)
+        {
+            return;
+        }
+        let cap = self.state.geometry().rcvbuf;
+        let Some(c) = self.apps.get_mut(&app) else {
+            return;
+        };
+        let Some((m, tcb, s, r)) = self.state.conn_mut(slot) else {
+            return;
+        };
+        if m.flags & meta::ACCEPT_PENDING != 0 {
+            return;
+        }
+        let mut conn = Conn::new(tcb, s, r);
+        let st = conn.state();
+        if m.flags & meta::CONNECT_PENDING != 0 {
+            if st.is_synchronized() {
+                if c.event_room() == 0 {
+                    return;
+                }
+                m.flags &= !meta::CONNECT_PENDING;
+                c.events.push(AppEvent {
+                    kind: event::CONNECTED,
+                    socket: handle,
+                    addr: conn.tcb.local_ip,
+                    port: conn.tcb.local_port,
+                    ..AppEvent::default()
+                });
+                self.counters[Ctr::Connected as usize].inc();
+            } else if st != State::Closed {
+                return;
+            }
+        }
+        // DATA, as long as the allowance, the RX pool and the events ring permit.
+        let mut delivered = 0u64;
+        while conn.recv_queue() > 0 && m.delivered < cap {
+            if c.event_room() == 0 {
+                break;
+            }
+            let Some(i) = c.rx_free.get() else { break };
+            let want = (conn.recv_queue() as usize)
+                .min(DATA_MAX)
+                .min((cap - m.delivered) as usize);
+            let n = conn.recv(&mut self.scratch[..want]).unwrap_or(0);
+            if n == 0 {
+                c.rx_free.put(i);
+                break;
+            }
+            let pool = &c.link.rx_pool;
+            let mut tag = [0u8; 12];
+            tag[..4].copy_from_slice(&(n as u32).to_le_bytes());
+            tag[4..8].copy_from_slice(&TAG_MAGIC.to_le_bytes());
+            tag[8..].copy_from_slice(&handle.to_le_bytes());
+            if pool.write(i, TAG_AT - 4, &tag).is_err()
+                || pool.write(i, APP_HEADROOM, &self.scratch[..n]).is_err()
+            {
+                c.rx_free.put(i);
+                break;
+            }
+            m.delivered += n as u32;
+            delivered += n as u64;
+            c.events.push(AppEvent {
+                kind: event::DATA,
+                socket: handle,
+                desc: pool.span(i, APP_HEADROOM, n as u32),
+                ..AppEvent::default()
+            });
+        }
+        self.counters[Ctr::DeliveredBytes as usize].add(delivered);
+        // EOF once every byte before the FIN is out.
+        if conn.tcb.has(flag::FIN_RCVD)
+            && conn.recv_queue() == 0
+            && m.flags & meta::EOF_SENT == 0
+            && c.event_room() > 0
+        {
+            m.flags |= meta::EOF_SENT;
+            c.events.push(AppEvent {
+                kind: event::EOF,
+                socket: handle,
+                ..AppEvent::default()
+            });
+        }
+        if let Some(e) = conn.error() {
+            if m.flags & meta::ERROR_SENT == 0 && conn.recv_queue() == 0 && c.event_room() > 0 {
+                m.flags |= meta::ERROR_SENT;
+                m.flags &= !meta::CONNECT_PENDING;
+                let st = error_status(Some(e));
+                self.counters[match st {
+                    Status::TimedOut => Ctr::TimedOut,
+                    _ => Ctr::Resets,
+                } as usize]
+                    .inc();
+                c.events.push(AppEvent {
+                    kind: event::ERROR,
+                    socket: handle,
+                    status: st.code(),
+                    ..AppEvent::default()
+                });
+                // Queued SEND buffers go back: their bytes will not be sent.
+                for (d, _) in self.local[slot as usize].pending.drain(..) {
+                    c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self, slot: u32, now: u64) {
+        let free = self.send_free.len();
+        if free <= CONTROL_RESERVE {
+            // Try again when the ip server hands buffers back.
+            self.mark_later(slot);
+            return;
+        }
+        let TcpServer {
+            state,
+            link,
+            send_free,
+            send_batch,
+            seg_buf,
+            counters,
+            ..
+        } = self;
+        let Some((_, tcb, s, r)) = state.conn_mut(slot) else {
+            return;
+        };
+        let src = Ipv4Addr::from(tcb.local_ip);
+        let dst = Ipv4Addr::from(tcb.remote_ip);
+        let before = tcb.retransmits;
+        let mut conn = Conn::new(tcb, s, r).with_burst(free - CONTROL_RESERVE);
+        let mut short = false;
+        conn.poll_transmit(now, |repr, payload| {
+            if !emit_to(link, send_free, send_batch, seg_buf, counters, src, dst, repr, payload) {
+                short = true;
+            }
+        });
+        let d = conn.tcb.retransmits.wrapping_sub(before);
+        counters[Ctr::Retransmits as usize].add(u64::from(d));
+        if short || self.send_free.len() <= CONTROL_RESERVE {
+            self.mark_later(slot);
+        }
+    }
+
+    /// Services `slot` again in a later poll (out of transmit buffers now).
+    fn mark_later(&mut self, slot: u32) {
+        self.blocked.push(slot);
+    }
+
+    fn publish(&mut self) -> Result<(), ServerError> {
+        let mut to_ip = false;
+        if !self.send_batch.is_empty() {
+            let pushed = self.ends.send.push_slice(&self.send_batch)?;
+            to_ip |= pushed > 0;
+            for s in self.send_batch.drain(..).skip(pushed) {
+                self.send_free.put(s.desc.index);
+                self.counters[Ctr::DropSendFull as usize].inc();
+            }
+        }
+        if !self.deliver_returns.is_empty() {
+            let pushed = self.ends.deliver_return.push_slice(&self.deliver_returns)?;
+            to_ip |= pushed > 0;
+            self.deliver_returns.drain(..pushed);
+        }
+        if to_ip {
+            if let Some(b) = &self.ip_bell {
+                b.ring();
+            }
+        }
+        let mut broken = Vec::new();
+        for (&app, c) in self.apps.iter_mut() {
+            if let Some(e) = c.broken.take() {
+                broken.push((app, e));
+                continue;
+            }
+            if let Err(e) = c.publish() {
+                broken.push((app, e));
+            }
+        }
+        for (app, e) in broken {
+            self.count(Ctr::DropAppBad);
+            warn!(app, %e, "an application's ring is corrupt; detaching it");
+            self.detach(app);
+        }
+        Ok(())
+    }
+}
+
+fn read_len_tag(link: &AppLink, index: u32) -> u32 {
+    // The delivered length is the descriptor's; the owner table does not keep it, so the
+    // server wrote it into the headroom before the tag.
+    let r = match link.rx_pool.check(&Descriptor {
+        pool: APP_RX_POOL,
+        lease: 0,
+        index,
+        offset: TAG_AT - 4,
+        len: 4,
+    }) {
+        Ok(r) => r,
+        Err(_) => return 0,
+    };
+    let mut b = [0u8; 4];
+    if link.rx_pool.read(&r, &mut b) != 4 {
+        return 0;
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Writes one segment into a SEND_POOL buffer and queues its slot. False if none was free.
+#[allow(clippy::too_many_arguments)]
+fn emit_to(
+    link: &TransportLink,
+    send_free: &mut FreeList,
+    send_batch: &mut Vec<DatagramSlot>,
+    seg_buf: &mut [u8],
+    counters: &[Counter],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    r: &TcpRepr,
+    payload: &[u8],
+) -> bool {
+    let Some(i) = send_free.get() else {
+        counters[Ctr::DropSendFull as usize].inc();
+        return false;
+    };
+    let n = match r.emit(seg_buf, payload, src, dst) {
+        Ok(n) => n,
+        Err(_) => {
+            send_free.put(i);
+            counters[Ctr::DropSendFull as usize].inc();
+            return false;
+        }
+    };
+    let pool = &link.send_pool;
+    let h = pool.headroom();
+    if pool.write(i, h, &seg_buf[..n]).is_err() {
+        send_free.put(i);
+        counters[Ctr::DropSendFull as usize].inc();
+        return false;
+    }
+    counters[Ctr::TxSegments as usize].inc();
+    if !payload.is_empty() {
+        counters[Ctr::TxBytes as usize].add(payload.len() as u64);
+    }
+    if r.flags.rst() {
+        counters[Ctr::TxRst as usize].inc();
+    }
+    send_batch.push(DatagramSlot {
+        desc: pool.span(i, h, n as u32),
+        src: u32::from(src),
+        dst: u32::from(dst),
+        protocol: PROTO_TCP,
+        kind: DatagramSlot::KIND_DATAGRAM,
+        ..DatagramSlot::default()
+    });
+    true
+}
+
+impl Server for TcpServer {
+    fn poll(&mut self) -> Result<Progress, ServerError> {
+        let now = now_us();
+        let mut work = self.send_free.collect(
+            &self.link.send_pool,
+            &mut self.ends.send_return,
+            IP,
+            COLLECT,
+        )? as u64;
+        // Connections that ran out of transmit buffers last time try again.
+        if !self.blocked.is_empty() && self.send_free.len() > CONTROL_RESERVE {
+            for slot in std::mem::take(&mut self.blocked) {
+                self.mark(slot);
+            }
+        }
+        work += self.deliver(now)?;
+        let apps: Vec<u32> = self.apps.keys().copied().collect();
+        for app in apps {
+            match self.serve_app(app, now) {
+                Ok(n) => work += n,
+                Err(e) => {
+                    if let Some(c) = self.apps.get_mut(&app) {
+                        c.broken = Some(e);
+                    }
+                }
+            }
+        }
+        work += self.fire_timers(now);
+        let mut rounds = 0;
+        while !self.dirty.is_empty() && rounds < 4 {
+            rounds += 1;
+            for slot in std::mem::take(&mut self.dirty) {
+                self.service(slot, now);
+                work += 1;
+            }
+        }
+        self.publish()?;
+        self.sync_gauges();
+        Ok(Progress(work))
+    }
+
+    fn has_work(&mut self) -> bool {
+        if self.own_bell.is_armed() {
+            for c in self.apps.values() {
+                c.server_bell.arm();
+            }
+        }
+        let now = now_us();
+        let due = self
+            .timers
+            .peek()
+            .is_some_and(|Reverse((t, _))| *t <= now);
+        self.ends.deliver.has_data()
+            || self.ends.send_return.has_data()
+            || !self.deliver_returns.is_empty()
+            || !self.send_batch.is_empty()
+            || !self.dirty.is_empty()
+            || due
+            || self.apps.values_mut().any(|c| {
+                c.ends.rx_return.has_data() || !c.tx_returns.is_empty() || c.ends.requests.has_data()
+            })
+    }
+
+    fn park_limit(&mut self) -> Option<Duration> {
+        let now = now_us();
+        let mut next = self.timers.peek().map(|Reverse((t, _))| *t);
+        if !self.listen_index.is_empty() {
+            next = Some(next.map_or(self.next_listen_tick, |t| t.min(self.next_listen_tick)));
+        }
+        next.map(|t| Duration::from_micros(t.saturating_sub(now)))
+    }
+
+    fn hotplug(&mut self) -> Result<u64, ServerError> {
+        let Some(sock) = self.hotplug.take() else {
+            return Err(ServerError::Fatal(format!(
+                "hotplug requested but no {HOTPLUG_FD} fd was handed over"
+            )));
+        };
+        let mut handled = 0;
+        let mut buf = std::mem::take(&mut self.hotplug_buf);
+        for _ in 0..HOTPLUG_BATCH {
+            match keepnet_ipc::fdpass::recv_fds(&sock, &mut buf) {
+                Ok((0, _)) => break,
+                Ok((n, fds)) => {
+                    handled += 1;
+                    if let Err(e) = self.hotplug_one(buf.get(..n).unwrap_or(&[]), fds) {
+                        self.count(Ctr::HotplugBad);
+                        warn!(%e, "hotplug message refused");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.count(Ctr::HotplugBad);
+                    warn!(%e, "hotplug message unreadable");
+                    if e.kind() != std::io::ErrorKind::InvalidData {
+                        break;
+                    }
+                }
+            }
+        }
+        self.hotplug_buf = buf;
+        self.hotplug = Some(sock);
+        self.sync_gauges();
+        Ok(handled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_and_refuses_typos() {
+        let c = parse_config(r#"{"addr":"198.18.0.2"}"#).unwrap();
+        assert_eq!(c.addr, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(c.tcp.cc, CcAlgo::Cubic);
+        let c = parse_config(r#"{"addr":"198.18.0.2","cc":"newreno","time_wait_ms":1000}"#).unwrap();
+        assert_eq!(c.tcp.cc, CcAlgo::NewReno);
+        assert_eq!(c.tcp.time_wait, Duration::from_secs(1));
+        assert!(parse_config(r#"{"addr":"198.18.0.2","mms":1400}"#).unwrap_err().contains("mms"));
+        assert!(parse_config(r#"{"addr":"0.0.0.0"}"#).is_err());
+        assert!(parse_config(r#"{"addr":"198.18.0.2","cc":"bbr"}"#).is_err());
+        assert!(parse_config(r#"{"addr":"198.18.0.2","delack_ms":600}"#).is_err());
+    }
+
+    #[test]
+    fn handles_round_trip_and_reject_zero() {
+        for (slot, gen) in [(0u32, 0u32), (5, 3), ((1 << 20) - 2, 0x7ff), (17, 0x800 + 4)] {
+            let h = conn_handle(slot, gen);
+            assert_eq!(split_handle(h), Some((false, slot, gen & H_GEN_MASK)));
+            let l = listen_handle(slot, gen);
+            assert_eq!(split_handle(l), Some((true, slot, gen & H_GEN_MASK)));
+            assert_ne!(h, 0);
+        }
+        assert_eq!(split_handle(0), None);
+        assert_eq!(split_handle(H_LISTENER), None);
+    }
+}

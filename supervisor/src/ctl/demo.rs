@@ -115,6 +115,36 @@ pub fn run() -> Result<(), ClientError> {
     }
     let udp_ok = echo_out == greeting && probe_ok;
 
+    const DOWNLOAD: u64 = 64 << 20;
+    step(&format!(
+        "TCP download from the kernel side: curl fetches http://{target}/bytes/{DOWNLOAD} (byte i = i mod 251) and checks its SHA-256"
+    ));
+    let want = bytes_sha256(DOWNLOAD);
+    let t0 = std::time::Instant::now();
+    let (curl_ok, curl_out, curl_err) = lab::netns_exec(
+        &netns,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "set -o pipefail 2>/dev/null; curl -sS --fail --max-time 60 http://{target}/bytes/{DOWNLOAD} | sha256sum"
+            ),
+        ],
+    )
+    .map_err(|source| ClientError::Io {
+        what: "run curl (package curl)".into(),
+        source,
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    eprint!("{curl_err}");
+    let got = curl_out.split_whitespace().next().unwrap_or("").to_string();
+    println!(
+        "{DOWNLOAD} bytes in {secs:.2} s ({:.2} Gbit/s), sha256 {got} ({})",
+        DOWNLOAD as f64 * 8.0 / secs / 1e9,
+        if got == want { "right" } else { "WRONG" }
+    );
+    let tcp_ok = curl_ok && got == want;
+
     step("the kernel's neighbour table: keepnet's MAC");
     if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {
         print!("{neigh}");
@@ -149,7 +179,15 @@ pub fn run() -> Result<(), ClientError> {
             "NO OR WRONG ECHO"
         }
     );
-    if ok && ok_big && udp_ok && gone {
+    println!(
+        "tcp download: {}",
+        if tcp_ok {
+            "complete, SHA-256 right"
+        } else {
+            "FAILED OR CORRUPT"
+        }
+    );
+    if ok && ok_big && udp_ok && tcp_ok && gone {
         println!("demo: OK");
         Ok(())
     } else {
@@ -157,4 +195,19 @@ pub fn run() -> Result<(), ClientError> {
             "demo: some step failed (see above)".into(),
         ))
     }
+}
+
+/// SHA-256 (hex) of `n` bytes where byte i is `i mod 251`, what the HTTP service's
+/// `/bytes/N` serves.
+pub fn bytes_sha256(n: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let pattern: Vec<u8> = (0..251 * 4096).map(|i| (i % 251) as u8).collect();
+    let mut h = Sha256::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(pattern.len() as u64) as usize;
+        h.update(&pattern[..k]);
+        left -= k as u64;
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

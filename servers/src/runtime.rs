@@ -230,9 +230,7 @@ pub fn run<S: Server>(
         let ready = || (running && server.has_work()) || cmds.has_data();
         // A doorbell with an eventfd is rung through it: park in poll, not on the futex.
         let outcome = match (fd, bell.eventfd().is_some()) {
-            (Some(fd), _) => {
-                bell.wait_fds(policy, Some(park), ready, &[fd]).0
-            }
+            (Some(fd), _) => bell.wait_fds(policy, Some(park), ready, &[fd]).0,
             (None, true) => bell.wait_fds(policy, Some(park), ready, &[]).0,
             (None, false) => bell.wait(policy, Some(park), ready),
         };

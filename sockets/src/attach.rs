@@ -2,9 +2,11 @@
 //! application").
 //!
 //! The application connects to the instance's control socket, writes
-//! `{"op":"attach","protocol":17}` and a newline, and reads one line back. With
+//! `{"op":"attach","protocol":P}` (17 for the udp server, 6 for the tcp server) and a newline,
+//! and reads one line back. With
 //! `{"result":"attached","app":N,"addr":"198.18.0.2","mtu":1500}` come two fds (SCM_RIGHTS):
-//! the application's region, then the eventfd of the udp server's doorbell. An error answers
+//! the application's region, then the eventfd of that server's doorbell. A process using
+//! both servers attaches twice: two regions, two control connections. An error answers
 //! `{"result":"error","message":"..."}` with no fds. The connection stays open for the life of
 //! the attachment: its EOF is how the supervisor learns that the application is gone.
 
@@ -19,8 +21,10 @@ use keepnet_ipc::{fdpass, Region, RegionKind};
 use keepnet_server::app::{AppLink, Attached};
 use serde::Deserialize;
 
-/// IP protocol number of the server an attachment talks to (udp).
+/// IP protocol number of the udp server.
 pub(crate) const PROTOCOL_UDP: u8 = 17;
+/// IP protocol number of the tcp server.
+pub(crate) const PROTOCOL_TCP: u8 = 6;
 /// How long the supervisor has to answer an attach request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest answer line accepted.
@@ -50,8 +54,29 @@ fn invalid(instance: &str, what: impl std::fmt::Display) -> io::Error {
     )
 }
 
-/// Attaches to `instance` through the control socket at `path`.
-pub(crate) fn attach_at(instance: &str, path: &Path) -> io::Result<Attachment> {
+/// The name of the server speaking IP protocol `protocol`, for messages.
+fn server_name(protocol: u8) -> String {
+    match protocol {
+        PROTOCOL_UDP => "udp".to_string(),
+        PROTOCOL_TCP => "tcp".to_string(),
+        p => format!("protocol {p}"),
+    }
+}
+
+/// Refuses an instance name that is not a plain directory name.
+pub(crate) fn check_instance_name(instance: &str) -> io::Result<()> {
+    if instance.is_empty() || instance.contains('/') || instance == "." || instance == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{instance:?} is not a keepnet instance name"),
+        ));
+    }
+    Ok(())
+}
+
+/// Attaches to `instance` through the control socket at `path`, for the server speaking IP
+/// protocol `protocol` ([`PROTOCOL_UDP`], [`PROTOCOL_TCP`]).
+pub(crate) fn attach_at(instance: &str, path: &Path, protocol: u8) -> io::Result<Attachment> {
     let control = UnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => io::Error::new(
             io::ErrorKind::NotFound,
@@ -70,7 +95,7 @@ pub(crate) fn attach_at(instance: &str, path: &Path) -> io::Result<Attachment> {
         ),
     })?;
     control.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    let request = serde_json::json!({ "op": "attach", "protocol": PROTOCOL_UDP });
+    let request = serde_json::json!({ "op": "attach", "protocol": protocol });
     let mut line = request.to_string();
     line.push('\n');
     (&control).write_all(line.as_bytes()).map_err(|e| {
@@ -147,12 +172,13 @@ pub(crate) fn attach_at(instance: &str, path: &Path) -> io::Result<Attachment> {
             ),
         ));
     }
-    if link.protocol() != PROTOCOL_UDP {
+    if link.protocol() != protocol {
         return Err(invalid(
             instance,
             format_args!(
-                "the region talks IP protocol {}, not udp ({PROTOCOL_UDP})",
-                link.protocol()
+                "the region talks IP protocol {}, not {} ({protocol})",
+                link.protocol(),
+                server_name(protocol)
             ),
         ));
     }
@@ -176,7 +202,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use keepnet_ipc::new_eventfd;
-    use keepnet_server::wiring::UDP;
+    use keepnet_server::wiring::{TCP, UDP};
 
     /// A fresh directory for one test's control socket.
     fn scratch_dir() -> PathBuf {
@@ -218,7 +244,7 @@ mod tests {
     #[test]
     fn no_control_socket_is_not_found_and_names_the_instance() {
         let dir = scratch_dir();
-        let e = attach_at("lab-7", &dir.join("lab-7").join("ctl.sock"))
+        let e = attach_at("lab-7", &dir.join("lab-7").join("ctl.sock"), PROTOCOL_UDP)
             .err()
             .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
@@ -228,7 +254,7 @@ mod tests {
         // A stale socket file nobody listens on reads the same.
         let path = dir.join("ctl.sock");
         drop(UnixListener::bind(&path).unwrap());
-        let e = attach_at("stale", &path).err().unwrap();
+        let e = attach_at("stale", &path, PROTOCOL_UDP).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(e.to_string().contains("\"stale\""));
         let _ = std::fs::remove_dir_all(dir);
@@ -243,7 +269,7 @@ mod tests {
             w.write_all(b"{\"result\":\"error\",\"message\":\"too many applications\"}\n")
                 .unwrap();
         });
-        let e = attach_at("default", &path).err().unwrap();
+        let e = attach_at("default", &path, PROTOCOL_UDP).err().unwrap();
         assert!(e.to_string().contains("too many applications"), "{e}");
         assert_eq!(
             sup.join().unwrap().trim(),
@@ -264,7 +290,7 @@ mod tests {
                 b"{\"result\":\"attached\",\"app\":5,\"addr\":\"198.18.0.2\",\"mtu\":1500}\n";
             fdpass::send_fds(s, line, &[l2.region().fd(), efd2.as_fd()]).unwrap();
         });
-        let a = attach_at("default", &path).unwrap();
+        let a = attach_at("default", &path, PROTOCOL_UDP).unwrap();
         assert_eq!(a.addr, Ipv4Addr::new(198, 18, 0, 2));
         assert_eq!(a.mtu, 1500);
         assert_eq!(a.link.app(), 5);
@@ -294,6 +320,42 @@ mod tests {
     }
 
     #[test]
+    fn tcp_attach_asks_for_protocol_6_and_refuses_a_udp_region() {
+        let dir = scratch_dir();
+        let path = dir.join("ctl.sock");
+        let link = AppLink::create("t-sock-attach-tcp", 5, 6, TCP, 4, 8).unwrap();
+        let efd = new_eventfd().unwrap();
+        let l2 = link.clone();
+        let sup = fake_supervisor(&path, move |s| {
+            let line =
+                b"{\"result\":\"attached\",\"app\":5,\"addr\":\"198.18.0.2\",\"mtu\":1500}\n";
+            fdpass::send_fds(s, line, &[l2.region().fd(), efd.as_fd()]).unwrap();
+        });
+        let a = attach_at("default", &path, PROTOCOL_TCP).unwrap();
+        assert_eq!((a.link.protocol(), a.link.server()), (6, TCP));
+        drop(a);
+        assert_eq!(
+            sup.join().unwrap().trim(),
+            r#"{"op":"attach","protocol":6}"#
+        );
+        let _ = std::fs::remove_file(&path);
+
+        // A udp region handed to a tcp attach is refused, naming both.
+        let udp = AppLink::create("t-sock-attach-tcp-udp", 5, 17, UDP, 4, 8).unwrap();
+        let efd = new_eventfd().unwrap();
+        let sup = fake_supervisor(&path, move |s| {
+            let line =
+                b"{\"result\":\"attached\",\"app\":5,\"addr\":\"198.18.0.2\",\"mtu\":1500}\n";
+            fdpass::send_fds(s, line, &[udp.region().fd(), efd.as_fd()]).unwrap();
+        });
+        let e = attach_at("default", &path, PROTOCOL_TCP).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("protocol 17, not tcp (6)"), "{e}");
+        sup.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn wrong_app_id_or_missing_fds_are_refused() {
         let dir = scratch_dir();
         let path = dir.join("ctl.sock");
@@ -304,7 +366,7 @@ mod tests {
             )
             .unwrap();
         });
-        let e = attach_at("default", &path).err().unwrap();
+        let e = attach_at("default", &path, PROTOCOL_UDP).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("two fds"), "{e}");
         sup.join().unwrap();
@@ -317,7 +379,7 @@ mod tests {
                 b"{\"result\":\"attached\",\"app\":6,\"addr\":\"198.18.0.2\",\"mtu\":1500}\n";
             fdpass::send_fds(s, line, &[link.region().fd(), efd.as_fd()]).unwrap();
         });
-        let e = attach_at("default", &path).err().unwrap();
+        let e = attach_at("default", &path, PROTOCOL_UDP).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("application 5"), "{e}");
         sup.join().unwrap();

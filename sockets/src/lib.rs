@@ -4,8 +4,9 @@
 //! A process attaches to a running keepnet instance (`keepnet up`) the first time it makes a
 //! socket: it connects to the instance's control socket, receives a shared-memory region of
 //! its own from the supervisor and keeps that connection open while it lives. From then on a
-//! socket call moves data through rings in that region, to and from the udp server, without
-//! entering the kernel unless it has to wait.
+//! socket call moves data through rings in that region, to and from the udp or tcp server,
+//! without entering the kernel unless it has to wait. UDP sockets share one attachment
+//! ([`Stack`]), TCP sockets another ([`TcpStack`]).
 //!
 //! The instance is named by the `KEEPNET_INSTANCE` environment variable (default `default`);
 //! its control socket is `$KEEPNET_RUN_DIR/<instance>/ctl.sock` (default run directory
@@ -27,14 +28,48 @@
 //! }
 //! ```
 //!
-//! What differs from `std::net::UdpSocket` is listed on [`UdpSocket`]; in short: IPv4 only,
-//! and a read timeout reports `TimedOut` rather than `WouldBlock`.
+//! TCP looks like `std::net` too; a [`Poller`] watches many sockets from one thread:
+//!
+//! ```no_run
+//! use keepnet_sockets::TcpListener;
+//! use std::io::{Read, Write};
+//!
+//! fn main() -> std::io::Result<()> {
+//!     // A TCP echo server, a thread per connection.
+//!     let listener = TcpListener::bind("0.0.0.0:7")?;
+//!     for stream in listener.incoming() {
+//!         let mut stream = stream?;
+//!         std::thread::spawn(move || -> std::io::Result<()> {
+//!             let mut buf = vec![0u8; 65536];
+//!             loop {
+//!                 let n = stream.read(&mut buf)?;
+//!                 if n == 0 {
+//!                     return stream.shutdown(std::net::Shutdown::Write);
+//!                 }
+//!                 stream.write_all(&buf[..n])?;
+//!             }
+//!         });
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! What differs from `std::net` is listed on [`UdpSocket`] and [`TcpStream`]; in short:
+//! IPv4 only, and a read or write timeout reports `TimedOut` rather than `WouldBlock`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod addr;
 mod attach;
+mod engine;
+mod poll;
 mod stack;
+mod tcp;
+mod tcp_stack;
 mod udp;
 
+pub use poll::{Event, Interest, Poller, Source};
 pub use stack::{Stack, DEFAULT_INSTANCE};
+pub use tcp::{Incoming, TcpListener, TcpStream};
+pub use tcp_stack::{TcpStack, DEFAULT_SEND_CAP};
 pub use udp::UdpSocket;

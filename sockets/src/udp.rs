@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use keepnet_server::app::{op, AppRequest, Status};
 
+use crate::addr::{each_addr, ipv6, no_addresses, resolve, zero_timeout};
 use crate::stack::{not_connected, too_long, Stack};
 
 /// A UDP socket on keepnet, with the methods of [`std::net::UdpSocket`].
@@ -49,43 +50,6 @@ impl std::fmt::Debug for UdpSocket {
     }
 }
 
-fn ipv6(a: SocketAddr) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        format!("keepnet speaks IPv4 only: {a} is an IPv6 address"),
-    )
-}
-
-fn no_addresses() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "could not resolve to any addresses",
-    )
-}
-
-fn v4(a: SocketAddr) -> io::Result<SocketAddrV4> {
-    match a {
-        SocketAddr::V4(a) => Ok(a),
-        SocketAddr::V6(_) => Err(ipv6(a)),
-    }
-}
-
-/// Runs `f` on each resolved address in turn until one succeeds (as std does for `bind` and
-/// `connect`); the last error otherwise.
-fn each_addr<A: ToSocketAddrs, T>(
-    addr: A,
-    mut f: impl FnMut(SocketAddrV4) -> io::Result<T>,
-) -> io::Result<T> {
-    let mut last = None;
-    for a in addr.to_socket_addrs()? {
-        match v4(a).and_then(&mut f) {
-            Ok(t) => return Ok(t),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(no_addresses))
-}
-
 /// The destination of a `send_to`: the first IPv4 address `addr` resolves to.
 fn destination<A: ToSocketAddrs>(addr: A) -> io::Result<SocketAddrV4> {
     let mut first_v6 = None;
@@ -100,13 +64,6 @@ fn destination<A: ToSocketAddrs>(addr: A) -> io::Result<SocketAddrV4> {
     Err(first_v6.map_or_else(no_addresses, ipv6))
 }
 
-fn zero_timeout() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "cannot set a 0 duration timeout",
-    )
-}
-
 impl UdpSocket {
     /// Creates a socket bound to `addr` on the keepnet instance named by `KEEPNET_INSTANCE`
     /// (default `default`), attaching the process to it on first use ([`Stack`]).
@@ -119,11 +76,7 @@ impl UdpSocket {
     /// `InvalidInput` for an IPv6 address; `NotFound` when no keepnet instance runs;
     /// `TimedOut` when the udp server does not answer.
     pub fn bind<A: ToSocketAddrs>(addr: A) -> io::Result<UdpSocket> {
-        let addrs: Vec<SocketAddr> = addr.to_socket_addrs()?.collect();
-        // Refuse what cannot work before attaching to anything.
-        if !addrs.iter().any(SocketAddr::is_ipv4) {
-            return Err(addrs.first().map_or_else(no_addresses, |&a| ipv6(a)));
-        }
+        let addrs = resolve(addr)?;
         UdpSocket::bind_with(&Stack::default_instance()?, &addrs[..])
     }
 

@@ -367,28 +367,45 @@ impl Config {
         if !(1..=keepnet_tcp::state::MAX_CONNS).contains(&t.max_connections) {
             return Err(bad(
                 "tcp.max_connections",
-                format!("{}: use 1 to {}", t.max_connections, keepnet_tcp::state::MAX_CONNS),
+                format!(
+                    "{}: use 1 to {}",
+                    t.max_connections,
+                    keepnet_tcp::state::MAX_CONNS
+                ),
             ));
         }
         if !(1..=keepnet_tcp::state::MAX_LISTENERS).contains(&t.max_listeners) {
             return Err(bad(
                 "tcp.max_listeners",
-                format!("{}: use 1 to {}", t.max_listeners, keepnet_tcp::state::MAX_LISTENERS),
+                format!(
+                    "{}: use 1 to {}",
+                    t.max_listeners,
+                    keepnet_tcp::state::MAX_LISTENERS
+                ),
             ));
         }
         for (field, v) in [("tcp.sndbuf", t.sndbuf), ("tcp.rcvbuf", t.rcvbuf)] {
             if !(4096..=keepnet_tcp::state::MAX_BUF).contains(&v) || v % 8 != 0 {
                 return Err(bad(
                     field,
-                    format!("{v}: use a multiple of 8 from 4096 to {}", keepnet_tcp::state::MAX_BUF),
+                    format!(
+                        "{v}: use a multiple of 8 from 4096 to {}",
+                        keepnet_tcp::state::MAX_BUF
+                    ),
                 ));
             }
         }
         if t.time_wait_ms > 240_000 {
-            return Err(bad("tcp.time_wait_ms", format!("{}: at most 240000", t.time_wait_ms)));
+            return Err(bad(
+                "tcp.time_wait_ms",
+                format!("{}: at most 240000", t.time_wait_ms),
+            ));
         }
         if t.cc != "cubic" && t.cc != "newreno" {
-            return Err(bad("tcp.cc", format!("{:?}: use \"cubic\" or \"newreno\"", t.cc)));
+            return Err(bad(
+                "tcp.cc",
+                format!("{:?}: use \"cubic\" or \"newreno\"", t.cc),
+            ));
         }
         if !(1..=65535).contains(&t.backlog) {
             return Err(bad("tcp.backlog", format!("{}: use 1 to 65535", t.backlog)));

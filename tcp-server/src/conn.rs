@@ -11,9 +11,9 @@
 
 use std::time::Duration;
 
-use crate::listen::Established;
 use crate::buf::{send_peek, RecvRing, SendRing};
 use crate::cc::{Cc, CcAlgo};
+use crate::listen::Established;
 use crate::sack::DUP_THRESH;
 use crate::seq::Seq;
 use crate::tcb::{flag, State, Tcb, TcpError};

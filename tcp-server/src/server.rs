@@ -54,15 +54,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use keepnet_ipc::{BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError};
+use keepnet_ipc::{
+    BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError,
+};
 use keepnet_server::app::{
     event, op, shut, sockopt, AppEvent, AppLink, AppRequest, AppServerEnds, Hotplug, Status,
     APP_BUF, APP_HEADROOM, APP_RX_POOL,
 };
 use keepnet_server::control::{monotonic_ns, Counter};
-use keepnet_server::wiring::{
-    DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP,
-};
+use keepnet_server::wiring::{DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP};
 use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
@@ -180,7 +180,9 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
     }
     if let Some(d) = j.delack_ms {
         if d >= 500 {
-            return Err(format!("delack_ms: {d} must be below 500 (RFC 9293 3.8.6.3)"));
+            return Err(format!(
+                "delack_ms: {d} must be below 500 (RFC 9293 3.8.6.3)"
+            ));
         }
         tcp.delack = Duration::from_millis(d);
     }
@@ -201,7 +203,11 @@ pub fn parse_config(text: &str) -> Result<Config, String> {
     if !(1..=65535).contains(&backlog) {
         return Err(format!("backlog: {backlog} is outside 1..=65535"));
     }
-    Ok(Config { addr: a, tcp, backlog })
+    Ok(Config {
+        addr: a,
+        tcp,
+        backlog,
+    })
 }
 
 /// Why an application's region could not be attached.
@@ -229,6 +235,9 @@ struct AppConn {
     tx_returns: Vec<Descriptor>,
     broken: Option<RingError>,
     uncommitted: usize,
+    /// Connections with news for this application that found no RX buffer or no room on
+    /// its events ring: serviced again once it hands buffers back or reads events.
+    starved: Vec<u32>,
 }
 
 impl AppConn {
@@ -335,6 +344,9 @@ fn error_status(e: Option<TcpError>) -> Status {
 struct Local {
     /// Application SEND buffers not yet all in the send ring: descriptor, bytes done.
     pending: VecDeque<(Descriptor, u32)>,
+    /// The application whose TX pool those buffers are in (it may have closed the
+    /// connection since: its bytes still go out before the FIN).
+    pending_app: u32,
     /// Deadline currently in the timer heap (0: none).
     scheduled: u64,
     /// Queued for servicing this poll.
@@ -466,7 +478,10 @@ impl TcpServer {
             }
         }
         if stale > 0 {
-            warn!(stale, "sockets of a previous tcp server dropped (recovery comes with issue 6)");
+            warn!(
+                stale,
+                "sockets of a previous tcp server dropped (recovery comes with issue 6)"
+            );
         }
         let isn = IsnGen::from_entropy()
             .map_err(|e| ServerError::Fatal(format!("reading /dev/urandom: {e}")))?;
@@ -615,6 +630,7 @@ impl TcpServer {
                 tx_returns,
                 broken: None,
                 uncommitted: 0,
+                starved: Vec::new(),
             },
         );
         Ok(true)
@@ -669,13 +685,20 @@ impl TcpServer {
         }
     }
 
-    fn hotplug_one(&mut self, payload: &[u8], mut fds: Vec<std::os::fd::OwnedFd>) -> Result<(), String> {
+    fn hotplug_one(
+        &mut self,
+        payload: &[u8],
+        mut fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
         let msg: Hotplug =
             serde_json::from_slice(payload).map_err(|e| format!("not a hotplug message: {e}"))?;
         match msg {
             Hotplug::Attach { app, pid } => {
                 if fds.len() != 1 {
-                    return Err(format!("attach of app {app} came with {} fds, not 1", fds.len()));
+                    return Err(format!(
+                        "attach of app {app} came with {} fds, not 1",
+                        fds.len()
+                    ));
                 }
                 let Some(fd) = fds.pop() else {
                     return Err(format!("attach of app {app} came with no fd"));
@@ -734,7 +757,11 @@ impl TcpServer {
             }
             let mut took = Vec::with_capacity(n);
             for d in &descs[..n] {
-                match c.link.rx_pool.take(d, c.endpoint, TCP, c.rx_free.retakes_mut()) {
+                match c
+                    .link
+                    .rx_pool
+                    .take(d, c.endpoint, TCP, c.rx_free.retakes_mut())
+                {
                     Ok(r) => took.push(r.index()),
                     Err(_) => bad += 1,
                 }
@@ -763,6 +790,20 @@ impl TcpServer {
 
     fn serve_app(&mut self, app: u32, now: u64) -> Result<u64, RingError> {
         let mut work = self.collect_rx(app)? as u64;
+        let Some(c) = self.apps.get_mut(&app) else {
+            return Ok(work);
+        };
+        if !c.starved.is_empty() && !c.rx_free.is_empty() && c.event_room() > 0 {
+            for slot in std::mem::take(&mut c.starved) {
+                if let Some(l) = self.local.get_mut(slot as usize) {
+                    if !l.dirty {
+                        l.dirty = true;
+                        self.dirty.push(slot);
+                    }
+                }
+            }
+            work += 1;
+        }
         let Some(c) = self.apps.get_mut(&app) else {
             return Ok(work);
         };
@@ -942,13 +983,17 @@ impl TcpServer {
         None
     }
 
-    fn alloc_conn(&mut self, app: u32, local: SocketAddrV4, remote: SocketAddrV4, now: u64) -> Option<(u32, u32)> {
+    fn alloc_conn(
+        &mut self,
+        app: u32,
+        local: SocketAddrV4,
+        remote: SocketAddrV4,
+        now: u64,
+    ) -> Option<(u32, u32)> {
         let slot = self.free_conns.pop()?;
         let (sg, rg) = self.state.rings(slot);
-        let tcfg = self.cfg.tcp.clone();
-        let Some((m, tcb, _, _)) = self.state.conn_mut(slot) else {
-            return None;
-        };
+        let tcfg = self.cfg.tcp;
+        let (m, tcb, _, _) = self.state.conn_mut(slot)?;
         let gen = m.gen;
         *tcb = Tcb::new(&tcfg, local, remote, sg, rg, now);
         *m = Meta {
@@ -970,9 +1015,13 @@ impl TcpServer {
             return Err(Status::InvalidInput);
         }
         let remote = SocketAddrV4::new(ip, req.port);
-        let port = self.pick_port(Some(remote)).ok_or(Status::AddrNotAvailable)?;
+        let port = self
+            .pick_port(Some(remote))
+            .ok_or(Status::AddrNotAvailable)?;
         let local = SocketAddrV4::new(self.cfg.addr, port);
-        let (slot, gen) = self.alloc_conn(app, local, remote, now).ok_or(Status::NoSockets)?;
+        let (slot, gen) = self
+            .alloc_conn(app, local, remote, now)
+            .ok_or(Status::NoSockets)?;
         let iss = Seq(self.isn.isn(local, remote, now));
         if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
             m.flags |= meta::CONNECT_PENDING;
@@ -994,7 +1043,11 @@ impl TcpServer {
         let Some(c) = self.apps.get_mut(&app) else {
             return;
         };
-        let r = match c.link.tx_pool.take(&req.desc, c.endpoint, TCP, &mut c.tx_retakes) {
+        let r = match c
+            .link
+            .tx_pool
+            .take(&req.desc, c.endpoint, TCP, &mut c.tx_retakes)
+        {
             Ok(r) => r,
             Err(e) => {
                 warn!(app, %e, "bad send descriptor dropped");
@@ -1011,7 +1064,9 @@ impl TcpServer {
         };
         match slot {
             Some(slot) => {
-                self.local[slot as usize].pending.push_back((d, 0));
+                let l = &mut self.local[slot as usize];
+                l.pending.push_back((d, 0));
+                l.pending_app = app;
                 self.mark(slot);
             }
             None => {
@@ -1047,12 +1102,7 @@ impl TcpServer {
         }
         if abort {
             // The buffers go back now; their bytes will not be sent.
-            let pending: Vec<_> = self.local[slot as usize].pending.drain(..).collect();
-            if let Some(c) = self.apps.get_mut(&app) {
-                for (d, _) in pending {
-                    c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
-                }
-            }
+            self.return_pending(slot);
         }
         self.mark(slot);
         Status::Ok
@@ -1083,6 +1133,18 @@ impl TcpServer {
         }
         let _ = now;
         debug!(port, "listener closed");
+    }
+
+    /// Hands every queued SEND buffer of `slot` back to its application unsent (the
+    /// connection is dead or aborted).
+    fn return_pending(&mut self, slot: u32) {
+        let l = &mut self.local[slot as usize];
+        let pending: Vec<_> = l.pending.drain(..).collect();
+        if let Some(c) = self.apps.get_mut(&l.pending_app) {
+            for (d, _) in pending {
+                c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
+            }
+        }
     }
 
     fn mark(&mut self, slot: u32) {
@@ -1127,7 +1189,12 @@ impl TcpServer {
             } else if s.kind == DatagramSlot::KIND_DATAGRAM {
                 let len = self.link.deliver_pool.read(&r, &mut self.scratch);
                 let mut seg = std::mem::take(&mut self.scratch);
-                self.segment(now, Ipv4Addr::from(s.src), Ipv4Addr::from(s.dst), &seg[..len]);
+                self.segment(
+                    now,
+                    Ipv4Addr::from(s.src),
+                    Ipv4Addr::from(s.dst),
+                    &seg[..len],
+                );
                 std::mem::swap(&mut self.scratch, &mut seg);
             } else if s.kind == DatagramSlot::KIND_ICMP_ERROR {
                 // RFC 5461 / RFC 1122 4.2.3.9: ICMP errors are soft errors for TCP; the
@@ -1225,7 +1292,9 @@ impl TcpServer {
         let ts_now = self.ts_now(now);
         let f = repr.flags;
         if f.rst() {
-            let Some(l) = self.state.listen_mut(lslot) else { return };
+            let Some(l) = self.state.listen_mut(lslot) else {
+                return;
+            };
             match listen::on_rst_for_listener(&l.listener, &mut l.synq, remote, local, repr.seq.0) {
                 RstAction::ChallengeAck { seq, ack, .. } => {
                     self.count(Ctr::ChallengeAcks);
@@ -1254,7 +1323,9 @@ impl TcpServer {
                 sack_permitted: repr.sack_permitted,
                 tsval: repr.timestamps.map(|t| t.0),
             };
-            let Some(l) = self.state.listen_mut(lslot) else { return };
+            let Some(l) = self.state.listen_mut(lslot) else {
+                return;
+            };
             let action = listen::on_syn(&mut l.listener, &mut l.synq, &self.isn, &syn, now, ts_now);
             match action {
                 SynAction::Queued(a) | SynAction::Retransmit(a) => {
@@ -1265,7 +1336,9 @@ impl TcpServer {
                     self.count(Ctr::Cookies);
                     self.emit_synack(&a, ts_now);
                 }
-                SynAction::Drop(listen::SynDrop::AcceptQueueFull) => self.count(Ctr::DropAcceptQueue),
+                SynAction::Drop(listen::SynDrop::AcceptQueueFull) => {
+                    self.count(Ctr::DropAcceptQueue)
+                }
                 SynAction::Drop(_) => self.count(Ctr::DropSynQueue),
             }
             return;
@@ -1276,10 +1349,14 @@ impl TcpServer {
                 remote,
                 seq: repr.seq.0,
                 ack: repr.ack.0,
-                ts: repr.timestamps.map(|(tsval, tsecr)| Timestamps { tsval, tsecr }),
+                ts: repr
+                    .timestamps
+                    .map(|(tsval, tsecr)| Timestamps { tsval, tsecr }),
             };
             let secret = *self.isn.secret();
-            let Some(l) = self.state.listen_mut(lslot) else { return };
+            let Some(l) = self.state.listen_mut(lslot) else {
+                return;
+            };
             let lmeta = l.meta;
             match listen::on_ack_for_listener(&mut l.listener, &mut l.synq, &secret, &seg, now) {
                 AckAction::Established(e) => {
@@ -1307,7 +1384,9 @@ impl TcpServer {
                     self.count(Ctr::Accepted);
                     self.mark(slot);
                 }
-                AckAction::Drop(listen::AckDrop::AcceptQueueFull) => self.count(Ctr::DropAcceptQueue),
+                AckAction::Drop(listen::AckDrop::AcceptQueueFull) => {
+                    self.count(Ctr::DropAcceptQueue)
+                }
                 AckAction::Drop(_) => self.count(Ctr::DropUnacceptable),
                 AckAction::Reset => {
                     if let Some(rst) = TcpRepr::rst_reply(repr, payload.len()) {
@@ -1420,7 +1499,8 @@ impl TcpServer {
         let app = m.app;
         let handle = conn_handle(slot, m.gen);
         // 1. Application bytes into the send ring, in order.
-        self.fill_send_ring(slot, app);
+        let owner = self.local[slot as usize].pending_app;
+        self.fill_send_ring(slot, owner);
         // 2. Deferred close / shutdown once every queued byte is in the ring.
         if self.local[slot as usize].pending.is_empty() {
             if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
@@ -1436,7 +1516,14 @@ impl TcpServer {
         }
         // 3. Received bytes and news to the application.
         if app != 0 {
-            self.to_app(slot, app, handle);
+            self.tell_app(slot, app, handle);
+        }
+        let dead = self
+            .state
+            .conn_mut(slot)
+            .is_some_and(|(_, tcb, _, _)| tcb.error().is_some() || tcb.state() == State::Closed);
+        if dead && !self.local[slot as usize].pending.is_empty() {
+            self.return_pending(slot);
         }
         // 4. Segments out.
         self.transmit(slot, now);
@@ -1447,7 +1534,11 @@ impl TcpServer {
         let conn = Conn::new(tcb, s, r);
         let st = conn.state();
         let deadline = conn.next_deadline();
-        let key = (conn.tcb.remote_ip, conn.tcb.remote_port, conn.tcb.local_port);
+        let key = (
+            conn.tcb.remote_ip,
+            conn.tcb.remote_port,
+            conn.tcb.local_port,
+        );
         if st == State::Closed {
             if m.flags & meta::ORPHAN != 0 {
                 m.used = 0;
@@ -1546,6 +1637,9 @@ impl TcpServer {
             return false;
         };
         if c.event_room() == 0 {
+            if !c.starved.contains(&slot) {
+                c.starved.push(slot);
+            }
             return false;
         }
         let Some((m, tcb, _, _)) = self.state.conn_mut(slot) else {
@@ -1566,7 +1660,7 @@ impl TcpServer {
         true
     }
 
-    fn to_app(&mut self, slot: u32, app: u32, handle: u32) {
+    fn tell_app(&mut self, slot: u32, app: u32, handle: u32) {
         if self.state.conn_meta(slot).flags & meta::ACCEPT_PENDING != 0
             && !self.announce_accept(slot, app, handle)
         {
@@ -1587,6 +1681,9 @@ impl TcpServer {
         if m.flags & meta::CONNECT_PENDING != 0 {
             if st.is_synchronized() {
                 if c.event_room() == 0 {
+                    if !c.starved.contains(&slot) {
+                        c.starved.push(slot);
+                    }
                     return;
                 }
                 m.flags &= !meta::CONNECT_PENDING;
@@ -1638,6 +1735,9 @@ impl TcpServer {
             });
         }
         self.counters[Ctr::DeliveredBytes as usize].add(delivered);
+        if conn.recv_queue() > 0 && m.delivered < cap && !c.starved.contains(&slot) {
+            c.starved.push(slot);
+        }
         // EOF once every byte before the FIN is out.
         if conn.tcb.has(flag::FIN_RCVD)
             && conn.recv_queue() == 0
@@ -1650,6 +1750,11 @@ impl TcpServer {
                 socket: handle,
                 ..AppEvent::default()
             });
+        }
+        let news = (conn.tcb.has(flag::FIN_RCVD) && m.flags & meta::EOF_SENT == 0)
+            || (conn.error().is_some() && m.flags & meta::ERROR_SENT == 0);
+        if news && c.event_room() == 0 && !c.starved.contains(&slot) {
+            c.starved.push(slot);
         }
         if let Some(e) = conn.error() {
             if m.flags & meta::ERROR_SENT == 0 && conn.recv_queue() == 0 && c.event_room() > 0 {
@@ -1667,10 +1772,7 @@ impl TcpServer {
                     status: st.code(),
                     ..AppEvent::default()
                 });
-                // Queued SEND buffers go back: their bytes will not be sent.
-                for (d, _) in self.local[slot as usize].pending.drain(..) {
-                    c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
-                }
+                // Queued SEND buffers go back (below): their bytes will not be sent.
             }
         }
     }
@@ -1700,7 +1802,9 @@ impl TcpServer {
         let mut conn = Conn::new(tcb, s, r).with_burst(free - CONTROL_RESERVE);
         let mut short = false;
         conn.poll_transmit(now, |repr, payload| {
-            if !emit_to(link, send_free, send_batch, seg_buf, counters, src, dst, repr, payload) {
+            if !emit_to(
+                link, send_free, send_batch, seg_buf, counters, src, dst, repr, payload,
+            ) {
                 short = true;
             }
         });
@@ -1873,10 +1977,7 @@ impl Server for TcpServer {
             }
         }
         let now = now_us();
-        let due = self
-            .timers
-            .peek()
-            .is_some_and(|Reverse((t, _))| *t <= now);
+        let due = self.timers.peek().is_some_and(|Reverse((t, _))| *t <= now);
         self.ends.deliver.has_data()
             || self.ends.send_return.has_data()
             || !self.deliver_returns.is_empty()
@@ -1884,7 +1985,9 @@ impl Server for TcpServer {
             || !self.dirty.is_empty()
             || due
             || self.apps.values_mut().any(|c| {
-                c.ends.rx_return.has_data() || !c.tx_returns.is_empty() || c.ends.requests.has_data()
+                c.ends.rx_return.has_data()
+                    || !c.tx_returns.is_empty()
+                    || c.ends.requests.has_data()
             })
     }
 
@@ -1942,10 +2045,13 @@ mod tests {
         let c = parse_config(r#"{"addr":"198.18.0.2"}"#).unwrap();
         assert_eq!(c.addr, Ipv4Addr::new(198, 18, 0, 2));
         assert_eq!(c.tcp.cc, CcAlgo::Cubic);
-        let c = parse_config(r#"{"addr":"198.18.0.2","cc":"newreno","time_wait_ms":1000}"#).unwrap();
+        let c =
+            parse_config(r#"{"addr":"198.18.0.2","cc":"newreno","time_wait_ms":1000}"#).unwrap();
         assert_eq!(c.tcp.cc, CcAlgo::NewReno);
         assert_eq!(c.tcp.time_wait, Duration::from_secs(1));
-        assert!(parse_config(r#"{"addr":"198.18.0.2","mms":1400}"#).unwrap_err().contains("mms"));
+        assert!(parse_config(r#"{"addr":"198.18.0.2","mms":1400}"#)
+            .unwrap_err()
+            .contains("mms"));
         assert!(parse_config(r#"{"addr":"0.0.0.0"}"#).is_err());
         assert!(parse_config(r#"{"addr":"198.18.0.2","cc":"bbr"}"#).is_err());
         assert!(parse_config(r#"{"addr":"198.18.0.2","delack_ms":600}"#).is_err());
@@ -1953,7 +2059,12 @@ mod tests {
 
     #[test]
     fn handles_round_trip_and_reject_zero() {
-        for (slot, gen) in [(0u32, 0u32), (5, 3), ((1 << 20) - 2, 0x7ff), (17, 0x800 + 4)] {
+        for (slot, gen) in [
+            (0u32, 0u32),
+            (5, 3),
+            ((1 << 20) - 2, 0x7ff),
+            (17, 0x800 + 4),
+        ] {
             let h = conn_handle(slot, gen);
             assert_eq!(split_handle(h), Some((false, slot, gen & H_GEN_MASK)));
             let l = listen_handle(slot, gen);

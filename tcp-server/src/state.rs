@@ -209,7 +209,9 @@ impl TcpState {
             region.write_bytes(h + at, &v.to_le_bytes())?;
         }
         // A fresh memfd reads as zeroes: every slot is free (used = 0).
-        region.atomic_u64(h + H_MAGIC)?.store(MAGIC, Ordering::Release);
+        region
+            .atomic_u64(h + H_MAGIC)?
+            .store(MAGIC, Ordering::Release);
         Ok(TcpState { region, geo })
     }
 
@@ -351,8 +353,14 @@ impl TcpState {
             .ptr_at(self.conn_at(i), CONN_SLOT, std::mem::align_of::<ConnSlot>())
             .ok()?;
         let (snd, rcv) = self.rings(i);
-        let sp = self.region.ptr_at(snd.off as usize, snd.cap as usize, 1).ok()?;
-        let rp = self.region.ptr_at(rcv.off as usize, rcv.cap as usize, 1).ok()?;
+        let sp = self
+            .region
+            .ptr_at(snd.off as usize, snd.cap as usize, 1)
+            .ok()?;
+        let rp = self
+            .region
+            .ptr_at(rcv.off as usize, rcv.cap as usize, 1)
+            .ok()?;
         // SAFETY: `ptr_at` checked each span lies inside the mapping and is aligned for its
         // type; the slot (CONN_SLOT bytes at conns_off + i * CONN_SLOT) and the two rings
         // (disjoint spans of rings_off + i * per_conn) do not overlap each other or any

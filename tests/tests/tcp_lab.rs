@@ -34,7 +34,14 @@ struct Bg(Child);
 impl Bg {
     fn start(lab: &Lab, script: &str) -> Bg {
         let c = Command::new("ip")
-            .args(["netns", "exec", &lab.ns, "sh", "-c", &format!("exec {script}")])
+            .args([
+                "netns",
+                "exec",
+                &lab.ns,
+                "sh",
+                "-c",
+                &format!("exec {script}"),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -98,7 +105,10 @@ fn curl_fetches_a_gibibyte_intact_and_a_closed_port_is_refused() {
     if !root_or_skip("curl_fetches_a_gibibyte_intact_and_a_closed_port_is_refused") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(300));
+    let _w = Watchdog::arm(
+        "curl_fetches_a_gibibyte_intact_and_a_closed_port_is_refused",
+        Duration::from_secs(300),
+    );
     let mut lab = Lab::new("tcpcurl", "");
     lab.up();
     let want = bytes_sha256(GIB);
@@ -108,9 +118,16 @@ fn curl_fetches_a_gibibyte_intact_and_a_closed_port_is_refused() {
     );
     assert!(o.status.success());
     let got = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(got.split_whitespace().next(), Some(want.as_str()), "SHA-256 of /bytes/{GIB}");
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "SHA-256 of /bytes/{GIB}"
+    );
     // A port nobody listens on: the kernel gets a RST and curl says so.
-    let o = sh(&lab, &format!("curl -sS --max-time 10 http://{KEEPNET_IP}:81/"));
+    let o = sh(
+        &lab,
+        &format!("curl -sS --max-time 10 http://{KEEPNET_IP}:81/"),
+    );
     assert_eq!(o.status.code(), Some(7), "curl exit 7: failed to connect");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -126,7 +143,10 @@ fn socat_sends_a_gibibyte_to_discard_and_keepnet_counts_exactly_that() {
     if !root_or_skip("socat_sends_a_gibibyte_to_discard_and_keepnet_counts_exactly_that") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(300));
+    let _w = Watchdog::arm(
+        "socat_sends_a_gibibyte_to_discard_and_keepnet_counts_exactly_that",
+        Duration::from_secs(300),
+    );
     let mut lab = Lab::new("tcpdisc", "");
     lab.up();
     let o = sh(
@@ -135,9 +155,11 @@ fn socat_sends_a_gibibyte_to_discard_and_keepnet_counts_exactly_that() {
     );
     assert!(o.status.success());
     let line = format!("closed after {GIB} bytes");
-    wait_for("the discard service's count", Duration::from_secs(30), || {
-        service_log(&lab, "tcp-discard").contains(&line)
-    });
+    wait_for(
+        "the discard service's count",
+        Duration::from_secs(30),
+        || service_log(&lab, "tcp-discard").contains(&line),
+    );
 }
 
 #[test]
@@ -145,7 +167,10 @@ fn a_hundred_concurrent_connections_each_echo_10_mib_intact() {
     if !root_or_skip("a_hundred_concurrent_connections_each_echo_10_mib_intact") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(400));
+    let _w = Watchdog::arm(
+        "a_hundred_concurrent_connections_each_echo_10_mib_intact",
+        Duration::from_secs(400),
+    );
     let mut lab = Lab::new("tcpecho", "");
     lab.up();
     let keepnet = binary("keepnet");
@@ -159,9 +184,10 @@ fn a_hundred_concurrent_connections_each_echo_10_mib_intact() {
     );
     assert!(o.status.success());
     let line = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or("{}"))
-        .expect("probe prints JSON");
-    assert_eq!(v["ok"], 100, "{v}");
+    let v: serde_json::Value =
+        serde_json::from_str(line.lines().last().unwrap_or("{}")).expect("probe prints JSON");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["ok_conns"], 100, "{v}");
     assert_eq!(v["mismatched"], 0, "{v}");
     assert_eq!(v["failed"], 0, "{v}");
 }
@@ -171,7 +197,7 @@ fn half_close_works_both_ways() {
     if !root_or_skip("half_close_works_both_ways") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(120));
+    let _w = Watchdog::arm("half_close_works_both_ways", Duration::from_secs(120));
     let mut lab = Lab::new("tcphalf", "");
     lab.up();
     // The kernel closes its sending side first; keepnet's echo still sends everything back.
@@ -203,7 +229,10 @@ fn half_close_works_both_ways() {
          \x20   got+=b\n\
          c.sendall(b'after eof: '+got); c.close()\n"
     );
-    let _srv = Bg::start(&lab, &format!("python3 -c \"{}\"", server.replace('"', "\\\"")));
+    let _srv = Bg::start(
+        &lab,
+        &format!("python3 -c \"{}\"", server.replace('"', "\\\"")),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let o = app(&lab, &["half-close", &format!("{KERNEL_IP}:7001")]);
     assert_eq!(
@@ -217,7 +246,10 @@ fn keepnet_as_client_echoes_256_mib_through_socat() {
     if !root_or_skip("keepnet_as_client_echoes_256_mib_through_socat") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(300));
+    let _w = Watchdog::arm(
+        "keepnet_as_client_echoes_256_mib_through_socat",
+        Duration::from_secs(300),
+    );
     let mut lab = Lab::new("tcpcli", "");
     lab.up();
     let _socat = Bg::start(
@@ -229,7 +261,12 @@ fn keepnet_as_client_echoes_256_mib_through_socat() {
     std::thread::sleep(Duration::from_millis(500));
     let o = app(
         &lab,
-        &["echo-client", &format!("{KERNEL_IP}:7002"), &(256u64 << 20).to_string(), "42"],
+        &[
+            "echo-client",
+            &format!("{KERNEL_IP}:7002"),
+            &(256u64 << 20).to_string(),
+            "42",
+        ],
     );
     assert!(
         String::from_utf8_lossy(&o.stdout).starts_with("ok "),
@@ -237,7 +274,10 @@ fn keepnet_as_client_echoes_256_mib_through_socat() {
     );
     // And a port with no listener on the kernel side is refused.
     let o = app(&lab, &["refused", &format!("{KERNEL_IP}:7003")]);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "err ConnectionRefused");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "err ConnectionRefused"
+    );
 }
 
 /// Raw segments from the kernel side: each malformation dropped and counted by its reason,
@@ -247,7 +287,10 @@ fn malformed_segments_are_dropped_and_counted_while_a_connection_carries_on() {
     if !root_or_skip("malformed_segments_are_dropped_and_counted_while_a_connection_carries_on") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(120));
+    let _w = Watchdog::arm(
+        "malformed_segments_are_dropped_and_counted_while_a_connection_carries_on",
+        Duration::from_secs(120),
+    );
     let mut lab = Lab::new("tcpbad", "");
     lab.up();
     let py = format!(
@@ -300,7 +343,10 @@ print('ok')
     let c = |n: &str| counter(&st, "tcp", n);
     assert!(c("drop.checksum") >= 1, "checksum");
     assert!(c("drop.data_offset") >= 2, "data offset low and high");
-    assert!(c("drop.bad_option") >= 3, "truncated, zero-length, overrunning options");
+    assert!(
+        c("drop.bad_option") >= 3,
+        "truncated, zero-length, overrunning options"
+    );
     assert!(c("drop.illegal_flags") >= 3, "SYN+FIN, no flags, SYN+RST");
     assert!(
         c("rx.challenge_acks") + c("drop.unacceptable") >= 2,
@@ -313,7 +359,10 @@ fn a_download_completes_through_a_syn_flood() {
     if !root_or_skip("a_download_completes_through_a_syn_flood") {
         return;
     }
-    let _w = Watchdog::new(Duration::from_secs(240));
+    let _w = Watchdog::arm(
+        "a_download_completes_through_a_syn_flood",
+        Duration::from_secs(240),
+    );
     let mut lab = Lab::new("tcpflood", "");
     lab.up();
     // The kernel would answer keepnet's SYN-ACKs to the flood with RSTs and empty the SYN
@@ -335,12 +384,18 @@ fn a_download_completes_through_a_syn_flood() {
     );
     assert!(o.status.success());
     let got = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(got.split_whitespace().next(), Some(bytes_sha256(n).as_str()));
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(bytes_sha256(n).as_str())
+    );
     let st = lab.status();
     eprintln!(
         "syn-acks {} cookies {} (RSTs filtered: {filtered})",
         counter(&st, "tcp", "listen.synacks"),
         counter(&st, "tcp", "listen.cookies_sent")
     );
-    assert!(counter(&st, "tcp", "listen.synacks") > 100, "the flood reached keepnet");
+    assert!(
+        counter(&st, "tcp", "listen.synacks") > 100,
+        "the flood reached keepnet"
+    );
 }

@@ -1,29 +1,26 @@
 //! A small stand-in for the udp server, playing its side of an application region in a
 //! thread: it answers BIND (ports, AddrInUse, AddrNotAvailable, configured failures),
 //! CONNECT and CLOSE, takes and records SENDs and hands their buffers back (or holds them on
-//! request), and lets a test deliver datagrams and errors. Every wait it offers is bounded.
+//! request), and lets a test deliver datagrams and errors. Every wait it offers is bounded
+//! (the thread and the waits: [`harness`]).
+
+#![allow(dead_code)]
+
+pub mod harness;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::SocketAddrV4;
+use std::sync::Arc;
 
-use keepnet_ipc::{new_eventfd, Doorbell, FreeList, Retakes, Ring, SpinPolicy};
+use keepnet_ipc::{FreeList, Retakes};
 use keepnet_server::app::{
     app_endpoint, event, op, AppEvent, AppLink, AppRequest, AppServerEnds, Status,
 };
 use keepnet_server::wiring::UDP;
 use keepnet_sockets::Stack;
 
-/// keepnet's address in these tests.
-pub const KN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// The app id of the test region.
-pub const APP: u32 = 1;
-/// Longest any test waits for something to happen.
-pub const BOUND: Duration = Duration::from_secs(10);
+use harness::{Harness, Serve, APP};
+pub use harness::{BOUND, KN};
 
 /// A datagram the app sent.
 #[derive(Clone, Debug)]
@@ -56,147 +53,74 @@ pub struct State {
     next_port: u16,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-    stop: AtomicBool,
-}
-
-/// The stand-in server; stops its thread when dropped.
-pub struct Peer {
-    pub link: AppLink,
-    app_bell: Doorbell,
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
+/// The stand-in udp server.
+pub type Peer = Harness<State>;
 
 /// A stack on a fresh region (`tx` and `rx` buffers) and the peer serving it.
 pub fn rig(tx: u32, rx: u32) -> (Arc<Stack>, Peer) {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let name = format!("t-sockets-{}", N.fetch_add(1, Ordering::Relaxed));
-    let link = AppLink::create(&name, APP, 17, UDP, tx, rx).unwrap();
-    let efd = new_eventfd().unwrap();
-    let peer_efd = efd.try_clone().unwrap();
+    let (link, efd, peer_efd) = harness::region(17, UDP, tx, rx);
     let stack = Stack::from_parts(link.clone(), efd, KN).unwrap();
-    (stack, Peer::start(link, peer_efd))
+    let ends = link.server_ends().unwrap();
+    let mut rx_free = FreeList::new(&link.rx_pool, UDP);
+    for i in 0..link.rx_pool.count() {
+        rx_free.put(i);
+    }
+    let state = State {
+        ends,
+        rx_free,
+        bind_fails: HashMap::new(),
+        silent_ports: HashSet::new(),
+        unanswered: Vec::new(),
+        hold_tx: false,
+        held: Vec::new(),
+        requests: Vec::new(),
+        sends: Vec::new(),
+        closes: Vec::new(),
+        rx_returned: 0,
+        bound: HashMap::new(),
+        next_socket: 100,
+        next_port: 49152,
+    };
+    (stack, Harness::start(link, peer_efd, state))
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+impl Serve for State {
+    fn serve(&mut self, link: &AppLink) -> bool {
+        let pushed = self.serve_requests(link);
+        self.collect_rx(link);
+        pushed
+    }
+
+    fn refresh(&mut self, link: &AppLink) -> bool {
+        self.collect_rx(link);
+        false
+    }
 }
 
-impl Peer {
-    fn start(link: AppLink, efd: OwnedFd) -> Peer {
-        let ends = link.server_ends().unwrap();
-        let mut rx_free = FreeList::new(&link.rx_pool, UDP);
-        for i in 0..link.rx_pool.count() {
-            rx_free.put(i);
-        }
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                ends,
-                rx_free,
-                bind_fails: HashMap::new(),
-                silent_ports: HashSet::new(),
-                unanswered: Vec::new(),
-                hold_tx: false,
-                held: Vec::new(),
-                requests: Vec::new(),
-                sends: Vec::new(),
-                closes: Vec::new(),
-                rx_returned: 0,
-                bound: HashMap::new(),
-                next_socket: 100,
-                next_port: 49152,
-            }),
-            changed: Condvar::new(),
-            stop: AtomicBool::new(false),
-        });
-        let app_bell = link.app_bell().unwrap();
-        let server_bell = link.server_bell().unwrap().with_eventfd(efd);
-        let requests: Ring<AppRequest> = link.requests().unwrap();
-        let (l, s, bell) = (link.clone(), Arc::clone(&shared), app_bell.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.stop.load(Ordering::Acquire) {
-                server_bell.wait_fds(
-                    SpinPolicy::PARK_AT_ONCE,
-                    Some(Duration::from_millis(10)),
-                    || requests.indices().is_ok_and(|(h, t)| h != t),
-                    &[],
-                );
-                let mut st = lock(&s.state);
-                if st.serve(&l) {
-                    bell.ring();
-                }
-                st.collect_rx(&l);
-                drop(st);
-                s.changed.notify_all();
-            }
-        });
-        Peer {
-            link,
-            app_bell,
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// Runs `f` on the peer's state (after collecting returned RX buffers).
-    pub fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let mut st = lock(&self.shared.state);
-        st.collect_rx(&self.link);
-        f(&mut st)
-    }
-
-    /// Waits (at most [`BOUND`]) until `cond` holds, then returns `f` of the state.
-    #[track_caller]
-    pub fn wait_for<R>(
-        &self,
-        mut cond: impl FnMut(&State) -> bool,
-        f: impl FnOnce(&State) -> R,
-    ) -> R {
-        let deadline = Instant::now() + BOUND;
-        let mut st = lock(&self.shared.state);
-        loop {
-            st.collect_rx(&self.link);
-            if cond(&st) {
-                return f(&st);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the peer never saw what the test waited for"
-            );
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, Duration::from_millis(10))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
+impl Harness<State> {
     /// Delivers a datagram to `socket` from `from`.
     pub fn deliver(&self, socket: u32, from: SocketAddrV4, payload: &[u8]) {
-        let mut st = lock(&self.shared.state);
-        st.collect_rx(&self.link);
         let pool = &self.link.rx_pool;
-        let i = st.rx_free.get().expect("the peer ran out of RX buffers");
-        pool.write(i, pool.headroom(), payload).unwrap();
-        let ev = AppEvent {
-            kind: event::DATAGRAM,
-            socket,
-            addr: u32::from(*from.ip()),
-            port: from.port(),
-            desc: pool.descriptor(i, payload.len() as u32),
-            ..AppEvent::default()
-        };
-        self.push_event(&mut st, ev);
+        self.with(|st| {
+            let i = st.rx_free.get().expect("the peer ran out of RX buffers");
+            pool.write(i, pool.headroom(), payload).unwrap();
+            st.ends
+                .events
+                .push(AppEvent {
+                    kind: event::DATAGRAM,
+                    socket,
+                    addr: u32::from(*from.ip()),
+                    port: from.port(),
+                    desc: pool.descriptor(i, payload.len() as u32),
+                    ..AppEvent::default()
+                })
+                .unwrap();
+        });
     }
 
     /// Pushes any event (a forged one too) and rings the app.
     pub fn event(&self, ev: AppEvent) {
-        let mut st = lock(&self.shared.state);
-        self.push_event(&mut st, ev);
+        self.with(|st| st.ends.events.push(ev).unwrap());
     }
 
     /// An asynchronous error on `socket`.
@@ -209,49 +133,30 @@ impl Peer {
         });
     }
 
-    fn push_event(&self, st: &mut State, ev: AppEvent) {
-        st.ends.events.push(ev).unwrap();
-        self.app_bell.ring();
-    }
-
     /// Answers the BINDs it kept silent on, successfully.
     pub fn answer_unanswered(&self) -> Vec<u32> {
-        let mut st = lock(&self.shared.state);
-        let reqs = std::mem::take(&mut st.unanswered);
-        let mut sockets = Vec::new();
-        for r in reqs {
-            let ev = st.bind(&r);
-            sockets.push(ev.socket);
-            st.ends.events.push(ev).unwrap();
-        }
-        self.app_bell.ring();
-        sockets
+        self.with(|st| {
+            let reqs = std::mem::take(&mut st.unanswered);
+            let mut sockets = Vec::new();
+            for r in reqs {
+                let ev = st.bind(&r);
+                sockets.push(ev.socket);
+                st.ends.events.push(ev).unwrap();
+            }
+            sockets
+        })
     }
 
     /// Hands back the SEND buffers it held.
     pub fn release_held(&self) {
-        let mut st = lock(&self.shared.state);
-        st.hold_tx = false;
-        let held = std::mem::take(&mut st.held);
-        for i in held {
-            let d = self.link.tx_pool.descriptor(i, 0);
-            st.ends.tx_return.push(d).unwrap();
-        }
-        self.app_bell.ring();
-    }
-
-    /// Times the application parked on its doorbell.
-    pub fn app_parks(&self) -> u64 {
-        self.app_bell.parks()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.with(|st| {
+            st.hold_tx = false;
+            let held = std::mem::take(&mut st.held);
+            for i in held {
+                let d = self.link.tx_pool.descriptor(i, 0);
+                st.ends.tx_return.push(d).unwrap();
+            }
+        });
     }
 }
 
@@ -300,7 +205,7 @@ impl State {
     }
 
     /// Serves every waiting request; true if it pushed anything for the app.
-    fn serve(&mut self, link: &AppLink) -> bool {
+    fn serve_requests(&mut self, link: &AppLink) -> bool {
         let mut buf = [AppRequest::default(); 16];
         let mut pushed = false;
         loop {

@@ -17,8 +17,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use keepnet_server::app::{AppLink, Hotplug};
 use keepnet_ipc::EndpointId;
+use keepnet_server::app::{AppLink, Hotplug};
 use tracing::{info, warn};
 
 /// One attached application.
@@ -49,8 +49,6 @@ pub struct Apps {
     ours: UnixStream,
     theirs: OwnedFd,
 }
-
-/// Buffers in an application's pools.
 
 impl Apps {
     /// A fresh table and hotplug socket pair.
@@ -137,7 +135,13 @@ impl Apps {
                 self.label
             ));
         }
-        info!(app, pid, uid = cred.uid(), server = self.label, "application attached");
+        info!(
+            app,
+            pid,
+            uid = cred.uid(),
+            server = self.label,
+            "application attached"
+        );
         self.conns.insert(app, conn);
         Ok(app)
     }
@@ -150,7 +154,12 @@ impl Apps {
             warn!(app, %e, server = self.label, "could not queue the detach (a restarted server will get the live list)");
         }
         let _ = drain();
-        info!(app, pid = conn.pid, server = self.label, "application detached");
+        info!(
+            app,
+            pid = conn.pid,
+            server = self.label,
+            "application detached"
+        );
         Some(conn)
     }
 
@@ -172,7 +181,10 @@ impl Apps {
             warn!(%e, "could not send the live application list");
         }
         if !drain() {
-            warn!(server = self.label, "the restarted server did not read its hotplug socket");
+            warn!(
+                server = self.label,
+                "the restarted server did not read its hotplug socket"
+            );
         }
     }
 

@@ -9,14 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_ipc::SpinPolicy;
+use keepnet_server::app::AppLink;
 use keepnet_server::app::Attached;
 use keepnet_server::runtime::{supervisor_ends, RequestError};
-use keepnet_server::app::AppLink;
 use keepnet_server::wiring::{Link, TransportLink, TCP, UDP};
-use keepnet_tcp::state::{Geometry, TcpState};
 use keepnet_server::{
     boot, request, Command as Cmd, ControlBlock, ControlMsg, RunOptions, ServerState,
 };
+use keepnet_tcp::state::{Geometry, TcpState};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tracing::{error, info, warn};
@@ -913,8 +913,7 @@ impl Daemon {
     /// An application asks to attach: give it a region of its own (see `apps`).
     fn attach(&mut self, stream: UnixStream, protocol: u8) {
         let Some(k) = self.apps.iter().position(|set| set.protocol == protocol) else {
-            let message =
-                format!("protocol {protocol} is not served here (udp is 17, tcp is 6)");
+            let message = format!("protocol {protocol} is not served here (udp is 17, tcp is 6)");
             send(&stream, &Answer::Error { message }, &[]);
             return;
         };

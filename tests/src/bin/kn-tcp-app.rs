@@ -83,10 +83,12 @@ fn echo_client(to: SocketAddr, bytes: u64, seed: u64) -> Result<String, String> 
         while sent < bytes {
             let n = (bytes - sent).min(CHUNK as u64) as usize;
             rng.fill(&mut buf[..n]);
-            w.write_all(&buf[..n]).map_err(|e| format!("write at {sent}: {e}"))?;
+            w.write_all(&buf[..n])
+                .map_err(|e| format!("write at {sent}: {e}"))?;
             sent += n as u64;
         }
-        w.shutdown(Shutdown::Write).map_err(|e| format!("shutdown: {e}"))
+        w.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))
     });
     let mut r = s;
     let mut rng = Rng(seed);

@@ -1099,11 +1099,13 @@ fn server_status(s: &ServerProc) -> ServerStatus {
         packets_in: counters
             .get("rx.frames")
             .or_else(|| counters.get("rx.datagrams"))
+            .or_else(|| counters.get("rx.segments"))
             .copied()
             .unwrap_or(0),
         packets_out: counters
             .get("tx.frames")
             .or_else(|| counters.get("tx.datagrams"))
+            .or_else(|| counters.get("tx.segments"))
             .copied()
             .unwrap_or(0),
         drops,

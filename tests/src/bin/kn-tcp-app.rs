@@ -10,6 +10,8 @@
 //! * `half-close ADDR:PORT`: sends `hello`, shuts down writing, reads to EOF. Prints
 //!   `got TEXT`.
 //! * `refused ADDR:PORT`: a connect that must fail; prints `err KIND`.
+//! * `hold-accept PORT N`: listens on PORT, prints `listening`, accepts N connections and
+//!   holds them all, prints `held N`, then waits for EOF on stdin and exits.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -50,9 +52,10 @@ fn main() {
         ),
         ["half-close", to] => half_close(to.parse().expect("ADDR:PORT")),
         ["refused", to] => refused(to.parse().expect("ADDR:PORT")),
+        ["hold-accept", port, n] => hold_accept(port.parse().expect("PORT"), n.parse().expect("N")),
         _ => {
             eprintln!(
-                "usage: kn-tcp-app echo-client ADDR:PORT BYTES SEED | half-close ADDR:PORT | refused ADDR:PORT"
+                "usage: kn-tcp-app echo-client ADDR:PORT BYTES SEED | half-close ADDR:PORT | refused ADDR:PORT | hold-accept PORT N"
             );
             std::process::exit(2);
         }
@@ -156,4 +159,29 @@ fn refused(to: SocketAddr) -> Result<String, String> {
         Ok(_) => Err(format!("connected to {to}")),
         Err(e) => Ok(format!("err {:?}", e.kind())),
     }
+}
+
+fn hold_accept(port: u16, n: usize) -> Result<String, String> {
+    let l = keepnet_sockets::TcpListener::bind_with_backlog(("0.0.0.0", port), 4096)
+        .map_err(|e| format!("listen on {port}: {e}"))?;
+    println!("listening");
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(n);
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    while held.len() < n {
+        if start.elapsed() > LIMIT {
+            return Err(format!("only {} of {n} connections after {LIMIT:?}", held.len()));
+        }
+        match l.accept() {
+            Ok((s, _)) => held.push(s),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(format!("accept after {}: {e}", held.len())),
+        }
+    }
+    println!("held {}", held.len());
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    Ok(format!("released {}", held.len()))
 }

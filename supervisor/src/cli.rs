@@ -5,6 +5,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::ipc::peer::PeerArgs;
 use crate::bench::probe::ProbeArgs;
+use crate::bench::tcp::TcpArgs;
+use crate::bench::tcp_probe::TcpProbeArgs;
+use crate::bench::tcp_server::TcpServerArgs;
 use crate::bench::udp::UdpArgs;
 use crate::bench::udp_echo::EchoServerArgs;
 
@@ -45,6 +48,18 @@ pub enum Command {
     /// Internal: the Linux UDP echo server of `keepnet bench udp`'s baseline.
     #[command(name = "__udp-echo-server", hide = true)]
     UdpEchoServer(EchoServerArgs),
+    /// Internal: the kernel-side TCP test client (run with `ip netns exec` by tests and by
+    /// `keepnet bench tcp`).
+    #[command(name = "__tcp-probe", hide = true)]
+    TcpProbe(TcpProbeArgs),
+    /// Internal: the Linux TCP servers (echo, discard, chargen, http) of `keepnet bench tcp`'s
+    /// baseline.
+    #[command(name = "__tcp-server", hide = true)]
+    TcpServer(TcpServerArgs),
+    /// Internal: the smoltcp comparator of `keepnet bench tcp` (feature `smoltcp-bench`).
+    #[cfg(feature = "smoltcp-bench")]
+    #[command(name = "__smoltcp-server", hide = true)]
+    SmoltcpServer(crate::bench::smol::SmolArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +93,23 @@ pub enum BenchTarget {
     /// seconds, and the whole run is bounded (see --count). Runs `sockperf ping-pong` as a
     /// cross-check where sockperf is installed.
     Udp(UdpArgs),
+    /// TCP bulk throughput both ways (1 and 8 streams), request/response latency (1 and 1024
+    /// bytes, p50 and p99) and connections per second, from the Linux kernel to keepnet's
+    /// services (echo 7, discard 9, chargen 19, http 80) over TAP, beside Linux-kernel servers
+    /// across a veth pair and smoltcp over a TAP of its own, in the same run; needs root.
+    ///
+    /// The same kernel-side client measures every target. Rounds interleave the targets (the
+    /// one that goes first rotates); each figure is the median across rounds; ratios in the
+    /// table are keepnet / Linux and keepnet / smoltcp. Every kernel connection (the probe's,
+    /// the Linux servers') uses congestion control cubic, set per connection, and so does
+    /// smoltcp; the veth pair and the smoltcp TAP get TSO, GSO and GRO turned off with ethtool
+    /// where it is installed (keepnet's TAP has no offloads), and MTU 1500; what each got is
+    /// printed after the table (on stderr with --json). Each service is checked first (echo
+    /// compared byte for byte, an HTTP /bytes/N body by SHA-256); a target or service that
+    /// fails gives "n/a" with the reason (null in JSON) instead of figures. The smoltcp column
+    /// needs a keepnet built with the cargo feature smoltcp-bench. Progress goes to stderr;
+    /// every measurement is bounded by --timeout-s.
+    Tcp(TcpArgs),
 }
 
 #[derive(Debug, Args)]

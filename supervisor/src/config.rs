@@ -537,7 +537,17 @@ mod tests {
     fn services_default_and_checked() {
         let c = Config::parse("", Path::new("k.toml")).unwrap();
         let names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["udp-echo", "udp-discard"]);
+        assert_eq!(
+            names,
+            [
+                "udp-echo",
+                "udp-discard",
+                "tcp-echo",
+                "tcp-discard",
+                "tcp-chargen",
+                "http"
+            ]
+        );
         assert!(Config::parse("services = []\n", Path::new("k.toml"))
             .unwrap()
             .services
@@ -552,5 +562,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("argz"), "{e}");
+    }
+
+    #[test]
+    fn tcp_settings_default_and_checked() {
+        let c = Config::parse("", Path::new("k.toml")).unwrap();
+        assert_eq!(c.tcp.cc, "cubic");
+        assert_eq!((c.tcp.sndbuf, c.tcp.rcvbuf), (262144, 262144));
+        for (bad, field) in [
+            ("[tcp]\ncc = \"bbr\"\n", "tcp.cc"),
+            ("[tcp]\nsndbuf = 100\n", "tcp.sndbuf"),
+            ("[tcp]\nmax_connections = 0\n", "tcp.max_connections"),
+            (
+                "[tcp]\nmax_connections = 1000000\nrcvbuf = 67108864\n",
+                "tcp.max_connections",
+            ),
+            ("[tcp]\ntime_wait_ms = 999999\n", "tcp.time_wait_ms"),
+        ] {
+            let e = Config::parse(bad, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+        let e = Config::parse("[tcp]\nsndbuff = 4096\n", Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sndbuff"), "{e}");
     }
 }

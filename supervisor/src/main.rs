@@ -23,6 +23,10 @@ fn main() -> ExitCode {
         Command::BenchPeer(args) => bench::ipc::peer::run_peer(args),
         Command::UdpProbe(args) => bench::probe::run(args),
         Command::UdpEchoServer(args) => bench::udp_echo::run(args),
+        Command::TcpProbe(args) => bench::tcp_probe::run(args),
+        Command::TcpServer(args) => bench::tcp_server::run(args),
+        #[cfg(feature = "smoltcp-bench")]
+        Command::SmoltcpServer(args) => bench::smol::run(args),
         Command::Up(a) => {
             return done(
                 ctl::client::up(a.config.config.as_deref(), a.netns, a.foreground).map(say),

@@ -6,7 +6,12 @@ pub mod interrupt;
 pub mod ipc;
 pub mod ping;
 pub mod probe;
+#[cfg(feature = "smoltcp-bench")]
+pub mod smol;
 pub mod stats;
+pub mod tcp;
+pub mod tcp_probe;
+pub mod tcp_server;
 pub mod udp;
 pub mod udp_echo;
 pub mod veth;
@@ -20,5 +25,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchTarget::Ipc(a) => ipc::run(&a),
         BenchTarget::Ping(a) => ping::run(a.json, a.count),
         BenchTarget::Udp(a) => udp::run(a),
+        BenchTarget::Tcp(a) => tcp::run(a),
     }
 }

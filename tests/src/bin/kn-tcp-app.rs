@@ -170,7 +170,10 @@ fn hold_accept(port: u16, n: usize) -> Result<String, String> {
     l.set_nonblocking(true).map_err(|e| e.to_string())?;
     while held.len() < n {
         if start.elapsed() > LIMIT {
-            return Err(format!("only {} of {n} connections after {LIMIT:?}", held.len()));
+            return Err(format!(
+                "only {} of {n} connections after {LIMIT:?}",
+                held.len()
+            ));
         }
         match l.accept() {
             Ok((s, _)) => held.push(s),

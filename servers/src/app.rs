@@ -25,8 +25,8 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use keepnet_ipc::{
-    BufferPool, Consumer, Descriptor, Doorbell, EndpointId, Pod, Producer, Region, RegionKind,
-    RegionLayout, Ring, RingError,
+    BufferPool, Consumer, Descriptor, Doorbell, EndpointId, FreeList, Pod, Producer, Region,
+    RegionKind, RegionLayout, Retakes, Ring, RingError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -690,5 +690,157 @@ mod tests {
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"op":"attach","app":3,"pid":10}"#);
         assert_eq!(serde_json::from_str::<Hotplug>(&s).unwrap(), m);
+    }
+}
+
+/// A hotplug message as a transport server acts on it: `Attach` comes with the application's
+/// region already mapped.
+#[derive(Debug)]
+pub enum HotplugEvent {
+    /// Map application `app` (process `pid`) with its region.
+    Attach { app: u32, pid: u32, region: Region },
+    /// Application `app` went away.
+    Detach { app: u32 },
+    /// After a restart: these are all the applications there are.
+    Live { apps: Vec<u32> },
+}
+
+/// A transport server's end of the supervisor's hotplug socket (fd `hotplug`, see
+/// [`Hotplug`]): reads messages in bounded batches, checks their shape and maps regions.
+#[derive(Debug)]
+pub struct HotplugSocket {
+    sock: std::os::unix::net::UnixStream,
+    buf: Vec<u8>,
+}
+
+/// Largest hotplug message.
+const HOTPLUG_MAX: usize = 64 * 1024;
+
+impl HotplugSocket {
+    /// Wraps the inherited fd (made non-blocking).
+    pub fn new(fd: std::os::fd::OwnedFd) -> io::Result<HotplugSocket> {
+        let sock = std::os::unix::net::UnixStream::from(fd);
+        sock.set_nonblocking(true)?;
+        Ok(HotplugSocket {
+            sock,
+            buf: vec![0u8; HOTPLUG_MAX],
+        })
+    }
+
+    /// Reads up to `max` messages and hands each to `apply`. A message that cannot be read
+    /// or decoded, or that `apply` refuses, is logged and counted. Returns (handled, bad).
+    pub fn read(
+        &mut self,
+        max: usize,
+        mut apply: impl FnMut(HotplugEvent) -> Result<(), String>,
+    ) -> (u64, u64) {
+        let (mut handled, mut bad) = (0, 0);
+        for _ in 0..max {
+            match keepnet_ipc::fdpass::recv_fds(&self.sock, &mut self.buf) {
+                // End of file (the supervisor closed its end) or an empty packet.
+                Ok((0, _)) => break,
+                Ok((n, fds)) => {
+                    handled += 1;
+                    let r =
+                        decode_hotplug(self.buf.get(..n).unwrap_or(&[]), fds).and_then(&mut apply);
+                    if let Err(e) = r {
+                        bad += 1;
+                        tracing::warn!(%e, "hotplug message refused");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // A message with too many fds was consumed (and its fds closed): go on.
+                    bad += 1;
+                    tracing::warn!(%e, "hotplug message unreadable");
+                    if e.kind() != io::ErrorKind::InvalidData {
+                        break;
+                    }
+                }
+            }
+        }
+        (handled, bad)
+    }
+}
+
+fn decode_hotplug(
+    payload: &[u8],
+    mut fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<HotplugEvent, String> {
+    let msg: Hotplug =
+        serde_json::from_slice(payload).map_err(|e| format!("not a hotplug message: {e}"))?;
+    Ok(match msg {
+        Hotplug::Attach { app, pid } => {
+            if fds.len() != 1 {
+                return Err(format!(
+                    "attach of app {app} came with {} fds, not 1",
+                    fds.len()
+                ));
+            }
+            let Some(fd) = fds.pop() else {
+                return Err(format!("attach of app {app} came with no fd"));
+            };
+            let region = Region::open(fd, RegionKind::RINGS)
+                .map_err(|e| format!("attach of app {app}: {e}"))?;
+            HotplugEvent::Attach { app, pid, region }
+        }
+        Hotplug::Detach { app } => HotplugEvent::Detach { app },
+        Hotplug::Live { apps } => HotplugEvent::Live { apps },
+    })
+}
+
+/// What a transport server takes over when it maps an application's region: the RX
+/// buffers it holds (free to fill), the TX buffers it must hand back, and the retakes of
+/// both pools (keepnet_ipc::pool, crash reclamation).
+#[derive(Debug)]
+pub struct ServerBuffers {
+    /// APP_RX_POOL buffers the server holds, free to fill.
+    pub rx_free: FreeList,
+    /// Indices in `rx_free` at attach (buffers not on any ring and not the app's).
+    pub held_rx: Vec<u32>,
+    /// APP_TX_POOL buffers a predecessor took and did not hand back: hand them back.
+    pub tx_returns: Vec<Descriptor>,
+    /// TX buffers the server may meet again on `requests`.
+    pub tx_retakes: Retakes,
+}
+
+impl AppLink {
+    /// Checks that the region is application `app`'s for protocol `protocol` served by
+    /// `server`.
+    pub fn check_owner(&self, app: u32, protocol: u8, server: EndpointId) -> Result<(), String> {
+        if self.app != app {
+            return Err(format!("the region is app {}'s", self.app));
+        }
+        if self.protocol != protocol || self.server != server {
+            return Err(format!(
+                "the region is for protocol {} server {}",
+                self.protocol, self.server.0
+            ));
+        }
+        Ok(())
+    }
+
+    /// The transport server `me` recovers its buffers from the rings and the ownership
+    /// tables (after a predecessor's crash as at a first attach).
+    pub fn server_buffers(&self, me: EndpointId) -> Result<ServerBuffers, RingError> {
+        let (outgoing, incoming) = self.server_in_flight()?;
+        let (held_rx, rx_retakes) = self.rx_pool.recover(me, &outgoing, &incoming);
+        let mut rx_free = FreeList::new(&self.rx_pool, me);
+        for &i in &held_rx {
+            rx_free.put(i);
+        }
+        *rx_free.retakes_mut() = rx_retakes;
+        let (held_tx, tx_retakes) = self.tx_pool.recover(me, &outgoing, &incoming);
+        let tx_returns = held_tx
+            .iter()
+            .map(|&i| self.tx_pool.descriptor(i, 0))
+            .collect();
+        Ok(ServerBuffers {
+            rx_free,
+            held_rx,
+            tx_returns,
+            tx_retakes,
+        })
     }
 }

@@ -172,6 +172,47 @@ impl Boot {
         self.fds.remove(name)
     }
 
+    /// The doorbell of a peer server, to ring after publishing to it: its control block
+    /// handed over as region `region`, with its eventfd `fd` when it parks in poll. `None`
+    /// (with a warning) when the region was not handed over.
+    pub fn peer_doorbell(
+        &mut self,
+        region: &str,
+        fd: &str,
+    ) -> Result<Option<keepnet_ipc::Doorbell>, crate::ServerError> {
+        match self.region(region, RegionKind::CONTROL) {
+            Ok(r) => {
+                let bell = ControlBlock::open(r)?.doorbell().clone();
+                Ok(Some(match self.fd(fd) {
+                    Some(efd) => bell.with_eventfd(efd),
+                    None => bell,
+                }))
+            }
+            Err(BootError::NoRegion(_)) => {
+                tracing::warn!("no {region} region: that peer is not woken when we publish to it");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The hotplug socket handed over as fd `name`, if any (with a warning if not: no
+    /// application can attach).
+    pub fn hotplug(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<crate::app::HotplugSocket>, crate::ServerError> {
+        match self.fd(name) {
+            Some(fd) => crate::app::HotplugSocket::new(fd)
+                .map(Some)
+                .map_err(|e| crate::ServerError::Fatal(format!("{name} socket: {e}"))),
+            None => {
+                tracing::warn!("no {name} fd: no application can attach");
+                Ok(None)
+            }
+        }
+    }
+
     pub(crate) fn into_parts(self) -> (ControlBlock, RunOptions) {
         (self.control, self.options)
     }

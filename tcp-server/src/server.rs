@@ -51,19 +51,18 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use keepnet_ipc::{
     BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError,
 };
 use keepnet_server::app::{
-    event, op, shut, sockopt, AppEvent, AppLink, AppRequest, AppServerEnds, Hotplug, Status,
-    APP_BUF, APP_HEADROOM, APP_RX_POOL,
+    event, op, shut, sockopt, AppEvent, AppLink, AppRequest, AppServerEnds, HotplugEvent,
+    HotplugSocket, ServerBuffers, Status, APP_BUF, APP_HEADROOM, APP_RX_POOL,
 };
 use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP};
-use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, ControlBlock, Progress, Server, ServerError};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
@@ -104,8 +103,6 @@ const CONTROL_RESERVE: usize = 8;
 /// Tag before the payload of an APP_RX_POOL buffer: magic, then the connection's handle.
 const TAG_MAGIC: u32 = u32::from_le_bytes(*b"TCPT");
 const TAG_AT: u32 = APP_HEADROOM - 8;
-/// Largest hotplug message.
-const HOTPLUG_MAX: usize = 64 * 1024;
 /// Hotplug messages handled per `Command::Hotplug` at most.
 const HOTPLUG_BATCH: usize = 4096;
 /// Ephemeral ports (RFC 6335 8.1.2 dynamic range).
@@ -368,8 +365,7 @@ pub struct TcpServer {
     ip_bell: Option<Doorbell>,
     own_bell: Doorbell,
     apps: BTreeMap<u32, AppConn>,
-    hotplug: Option<UnixStream>,
-    hotplug_buf: Vec<u8>,
+    hotplug: Option<HotplugSocket>,
     counters: Vec<Counter>,
     gauges: [(Counter, u64); 3],
     conn_index: HashMap<(u32, u16, u16), u32>,
@@ -405,24 +401,8 @@ pub fn build(boot: &mut Boot) -> Result<TcpServer, ServerError> {
     let state = boot.region(STATE_REGION, RegionKind::GENERIC)?;
     let table = TcpState::open(state)
         .map_err(|e| ServerError::Fatal(format!("{STATE_REGION} region: {e}")))?;
-    let ip_bell = match boot.region(PEER_IP_REGION, RegionKind::CONTROL) {
-        Ok(r) => {
-            let bell = ControlBlock::open(r)?.doorbell().clone();
-            Some(match boot.fd(PEER_IP_BELL_FD) {
-                Some(fd) => bell.with_eventfd(fd),
-                None => bell,
-            })
-        }
-        Err(BootError::NoRegion(_)) => {
-            warn!("no {PEER_IP_REGION} region: the ip server is not woken when we send");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let hotplug = boot.fd(HOTPLUG_FD).map(UnixStream::from);
-    if hotplug.is_none() {
-        warn!("no {HOTPLUG_FD} fd: no application can attach");
-    }
+    let ip_bell = boot.peer_doorbell(PEER_IP_REGION, PEER_IP_BELL_FD)?;
+    let hotplug = boot.hotplug(HOTPLUG_FD)?;
     TcpServer::new(cfg, link, table, ip_bell, hotplug, boot.control())
 }
 
@@ -433,7 +413,7 @@ impl TcpServer {
         link: TransportLink,
         mut state: TcpState,
         ip_bell: Option<Doorbell>,
-        hotplug: Option<UnixStream>,
+        hotplug: Option<HotplugSocket>,
         control: &ControlBlock,
     ) -> Result<TcpServer, ServerError> {
         if link.protocol() != PROTO_TCP || link.transport() != TCP {
@@ -451,10 +431,6 @@ impl TcpServer {
             .iter()
             .map(|&i| link.deliver_pool.descriptor(i, 0))
             .collect();
-        if let Some(h) = &hotplug {
-            h.set_nonblocking(true)
-                .map_err(|e| ServerError::Fatal(format!("hotplug socket: {e}")))?;
-        }
         let geo = state.geometry();
         // A predecessor's sockets: recovering them is issue 6's; until then they are
         // dropped (applications see ConnectionAborted when they use them).
@@ -524,7 +500,6 @@ impl TcpServer {
             own_bell: control.doorbell().clone(),
             apps: BTreeMap::new(),
             hotplug,
-            hotplug_buf: vec![0u8; HOTPLUG_MAX],
             counters,
             gauges: [gauge("apps"), gauge("conns"), gauge("listeners")],
             conn_index: HashMap::new(),
@@ -588,32 +563,17 @@ impl TcpServer {
             return Ok(false);
         }
         let link = AppLink::open(region)?;
-        let bad = |why: String| AttachError::Mismatch { app, why };
-        if link.app() != app {
-            return Err(bad(format!("the region is app {}'s", link.app())));
-        }
-        if link.protocol() != PROTO_TCP || link.server() != TCP {
-            return Err(bad(format!(
-                "the region is for protocol {} server {}",
-                link.protocol(),
-                link.server().0
-            )));
-        }
+        link.check_owner(app, PROTO_TCP, TCP)
+            .map_err(|why| AttachError::Mismatch { app, why })?;
         let ends = link.server_ends()?;
         let server_bell = link.server_bell()?;
         let app_bell = link.app_bell()?;
-        let (outgoing, incoming) = link.server_in_flight()?;
-        let (held_rx, rx_retakes) = link.rx_pool.recover(TCP, &outgoing, &incoming);
-        let mut rx_free = FreeList::new(&link.rx_pool, TCP);
-        for &i in &held_rx {
-            rx_free.put(i);
-        }
-        *rx_free.retakes_mut() = rx_retakes;
-        let (held_tx, tx_retakes) = link.tx_pool.recover(TCP, &outgoing, &incoming);
-        let tx_returns: Vec<Descriptor> = held_tx
-            .iter()
-            .map(|&i| link.tx_pool.descriptor(i, 0))
-            .collect();
+        let ServerBuffers {
+            rx_free,
+            tx_returns,
+            tx_retakes,
+            ..
+        } = link.server_buffers(TCP)?;
         info!(app, pid, rx_free = rx_free.len(), "application attached");
         self.apps.insert(
             app,
@@ -685,35 +645,17 @@ impl TcpServer {
         }
     }
 
-    fn hotplug_one(
-        &mut self,
-        payload: &[u8],
-        mut fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<(), String> {
-        let msg: Hotplug =
-            serde_json::from_slice(payload).map_err(|e| format!("not a hotplug message: {e}"))?;
-        match msg {
-            Hotplug::Attach { app, pid } => {
-                if fds.len() != 1 {
-                    return Err(format!(
-                        "attach of app {app} came with {} fds, not 1",
-                        fds.len()
-                    ));
-                }
-                let Some(fd) = fds.pop() else {
-                    return Err(format!("attach of app {app} came with no fd"));
-                };
-                let region = Region::open(fd, RegionKind::RINGS)
-                    .map_err(|e| format!("attach of app {app}: {e}"))?;
-                self.attach(app, pid, region)
-                    .map(|_| ())
-                    .map_err(|e| format!("attach of app {app}: {e}"))
-            }
-            Hotplug::Detach { app } => {
+    fn apply_hotplug(&mut self, ev: HotplugEvent) -> Result<(), String> {
+        match ev {
+            HotplugEvent::Attach { app, pid, region } => self
+                .attach(app, pid, region)
+                .map(|_| ())
+                .map_err(|e| format!("attach of app {app}: {e}")),
+            HotplugEvent::Detach { app } => {
                 self.detach(app);
                 Ok(())
             }
-            Hotplug::Live { apps } => {
+            HotplugEvent::Live { apps } => {
                 self.live(&apps);
                 Ok(())
             }
@@ -2001,36 +1943,16 @@ impl Server for TcpServer {
     }
 
     fn hotplug(&mut self) -> Result<u64, ServerError> {
-        let Some(sock) = self.hotplug.take() else {
+        let Some(mut sock) = self.hotplug.take() else {
             return Err(ServerError::Fatal(format!(
                 "hotplug requested but no {HOTPLUG_FD} fd was handed over"
             )));
         };
-        let mut handled = 0;
-        let mut buf = std::mem::take(&mut self.hotplug_buf);
-        for _ in 0..HOTPLUG_BATCH {
-            match keepnet_ipc::fdpass::recv_fds(&sock, &mut buf) {
-                Ok((0, _)) => break,
-                Ok((n, fds)) => {
-                    handled += 1;
-                    if let Err(e) = self.hotplug_one(buf.get(..n).unwrap_or(&[]), fds) {
-                        self.count(Ctr::HotplugBad);
-                        warn!(%e, "hotplug message refused");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.count(Ctr::HotplugBad);
-                    warn!(%e, "hotplug message unreadable");
-                    if e.kind() != std::io::ErrorKind::InvalidData {
-                        break;
-                    }
-                }
-            }
-        }
-        self.hotplug_buf = buf;
+        let (handled, bad) = sock.read(HOTPLUG_BATCH, |ev| self.apply_hotplug(ev));
         self.hotplug = Some(sock);
+        for _ in 0..bad {
+            self.count(Ctr::HotplugBad);
+        }
         self.sync_gauges();
         Ok(handled)
     }

@@ -77,22 +77,21 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
-use std::os::unix::net::UnixStream;
 
 use keepnet_ipc::ring::Claim;
 use keepnet_ipc::{
     BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError,
 };
 use keepnet_server::app::{
-    event, op, AppEvent, AppLink, AppRequest, AppServerEnds, Hotplug, Status, APP_HEADROOM,
-    APP_RX_POOL,
+    event, op, AppEvent, AppLink, AppRequest, AppServerEnds, HotplugEvent, HotplugSocket,
+    ServerBuffers, Status, APP_HEADROOM, APP_RX_POOL,
 };
 use keepnet_server::codec;
 use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{
     DatagramSlot, TransportEnds, TransportLink, WiringError, DATAGRAM_BUF, DELIVER_POOL, IP, UDP,
 };
-use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, ControlBlock, Progress, Server, ServerError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -120,8 +119,6 @@ const COLLECT: usize = 256;
 /// Tag before the payload of an APP_RX_POOL buffer (module docs).
 const TAG_MAGIC: u32 = u32::from_le_bytes(*b"UDPT");
 const TAG_AT: u32 = APP_HEADROOM - 8;
-/// Largest hotplug message.
-const HOTPLUG_MAX: usize = 64 * 1024;
 /// Hotplug messages handled per `Command::Hotplug` at most.
 const HOTPLUG_BATCH: usize = 4096;
 const SNAPSHOT_FORMAT: u32 = 1;
@@ -486,8 +483,7 @@ pub struct UdpServer {
     ip_bell: Option<Doorbell>,
     own_bell: Doorbell,
     apps: BTreeMap<u32, AppConn>,
-    hotplug: Option<UnixStream>,
-    hotplug_buf: Vec<u8>,
+    hotplug: Option<HotplugSocket>,
     counters: ServerCounters,
     mirror: Mirror,
     /// A datagram or payload copied out of shared memory.
@@ -517,24 +513,8 @@ pub fn build(boot: &mut Boot) -> Result<UdpServer, ServerError> {
     let state = boot.region(STATE_REGION, RegionKind::GENERIC)?;
     let table = SocketTable::open(state)
         .map_err(|e| ServerError::Fatal(format!("{STATE_REGION} region: {e}")))?;
-    let ip_bell = match boot.region(PEER_IP_REGION, RegionKind::CONTROL) {
-        Ok(r) => {
-            let bell = ControlBlock::open(r)?.doorbell().clone();
-            Some(match boot.fd(PEER_IP_BELL_FD) {
-                Some(fd) => bell.with_eventfd(fd),
-                None => bell,
-            })
-        }
-        Err(BootError::NoRegion(_)) => {
-            warn!("no {PEER_IP_REGION} region: the ip server is not woken when we send");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let hotplug = boot.fd(HOTPLUG_FD).map(UnixStream::from);
-    if hotplug.is_none() {
-        warn!("no {HOTPLUG_FD} fd: no application can attach");
-    }
+    let ip_bell = boot.peer_doorbell(PEER_IP_REGION, PEER_IP_BELL_FD)?;
+    let hotplug = boot.hotplug(HOTPLUG_FD)?;
     UdpServer::new(cfg, link, table, ip_bell, hotplug, boot.control())
 }
 
@@ -548,7 +528,7 @@ impl UdpServer {
         link: TransportLink,
         table: SocketTable,
         ip_bell: Option<Doorbell>,
-        hotplug: Option<UnixStream>,
+        hotplug: Option<HotplugSocket>,
         control: &ControlBlock,
     ) -> Result<UdpServer, ServerError> {
         if link.protocol() != PROTO_UDP || link.transport() != UDP {
@@ -567,10 +547,6 @@ impl UdpServer {
             .iter()
             .map(|&i| link.deliver_pool.descriptor(i, 0))
             .collect();
-        if let Some(h) = &hotplug {
-            h.set_nonblocking(true)
-                .map_err(|e| ServerError::Fatal(format!("hotplug socket: {e}")))?;
-        }
         let mut engine = Engine::open(cfg, table);
         // RFC 6056: do not make ephemeral ports predictable from one start to the next.
         engine.set_ephemeral_cursor((monotonic_ns() ^ (u64::from(std::process::id()) << 7)) as u16);
@@ -596,7 +572,6 @@ impl UdpServer {
             own_bell: control.doorbell().clone(),
             apps: BTreeMap::new(),
             hotplug,
-            hotplug_buf: vec![0u8; HOTPLUG_MAX],
             counters: ServerCounters::new(control),
             mirror: Mirror::new(control),
             scratch,
@@ -624,17 +599,8 @@ impl UdpServer {
             return Ok(false);
         }
         let link = AppLink::open(region)?;
-        let bad = |why: String| AttachError::Mismatch { app, why };
-        if link.app() != app {
-            return Err(bad(format!("the region is app {}'s", link.app())));
-        }
-        if link.protocol() != PROTO_UDP || link.server() != UDP {
-            return Err(bad(format!(
-                "the region is for protocol {} server {}",
-                link.protocol(),
-                link.server().0
-            )));
-        }
+        link.check_owner(app, PROTO_UDP, UDP)
+            .map_err(|why| AttachError::Mismatch { app, why })?;
         let ends = link.server_ends()?;
         // A predecessor that died may have carried out requests it did not commit.
         let takeover = matches!(ends.requests.claim(), Claim::Takeover { .. });
@@ -645,18 +611,12 @@ impl UdpServer {
         };
         let server_bell = link.server_bell()?;
         let app_bell = link.app_bell()?;
-        let (outgoing, incoming) = link.server_in_flight()?;
-        let (held_rx, rx_retakes) = link.rx_pool.recover(UDP, &outgoing, &incoming);
-        let mut rx_free = FreeList::new(&link.rx_pool, UDP);
-        for &i in &held_rx {
-            rx_free.put(i);
-        }
-        *rx_free.retakes_mut() = rx_retakes;
-        let (held_tx, tx_retakes) = link.tx_pool.recover(UDP, &outgoing, &incoming);
-        let tx_returns: Vec<Descriptor> = held_tx
-            .iter()
-            .map(|&i| link.tx_pool.descriptor(i, 0))
-            .collect();
+        let ServerBuffers {
+            rx_free,
+            held_rx,
+            tx_returns,
+            tx_retakes,
+        } = link.server_buffers(UDP)?;
         // Datagrams the app still holds (or that wait on its rings) count against their
         // sockets' receive queues (module docs).
         let held: HashSet<u32> = held_rx.into_iter().collect();
@@ -737,35 +697,17 @@ impl UdpServer {
     }
 
     /// Handles one hotplug message.
-    fn hotplug_one(
-        &mut self,
-        payload: &[u8],
-        mut fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<(), String> {
-        let msg: Hotplug =
-            serde_json::from_slice(payload).map_err(|e| format!("not a hotplug message: {e}"))?;
-        match msg {
-            Hotplug::Attach { app, pid } => {
-                if fds.len() != 1 {
-                    return Err(format!(
-                        "attach of app {app} came with {} fds, not 1",
-                        fds.len()
-                    ));
-                }
-                let Some(fd) = fds.pop() else {
-                    return Err(format!("attach of app {app} came with no fd"));
-                };
-                let region = Region::open(fd, RegionKind::RINGS)
-                    .map_err(|e| format!("attach of app {app}: {e}"))?;
-                self.attach(app, pid, region)
-                    .map(|_| ())
-                    .map_err(|e| format!("attach of app {app}: {e}"))
-            }
-            Hotplug::Detach { app } => {
+    fn apply_hotplug(&mut self, ev: HotplugEvent) -> Result<(), String> {
+        match ev {
+            HotplugEvent::Attach { app, pid, region } => self
+                .attach(app, pid, region)
+                .map(|_| ())
+                .map_err(|e| format!("attach of app {app}: {e}")),
+            HotplugEvent::Detach { app } => {
                 self.detach(app);
                 Ok(())
             }
-            Hotplug::Live { apps } => {
+            HotplugEvent::Live { apps } => {
                 self.live(&apps);
                 Ok(())
             }
@@ -1192,38 +1134,16 @@ impl Server for UdpServer {
     }
 
     fn hotplug(&mut self) -> Result<u64, ServerError> {
-        let Some(sock) = self.hotplug.take() else {
+        let Some(mut sock) = self.hotplug.take() else {
             return Err(ServerError::Fatal(format!(
                 "hotplug requested but no {HOTPLUG_FD} fd was handed over"
             )));
         };
-        let mut handled = 0;
-        let mut buf = std::mem::take(&mut self.hotplug_buf);
-        for _ in 0..HOTPLUG_BATCH {
-            match keepnet_ipc::fdpass::recv_fds(&sock, &mut buf) {
-                // End of file (the supervisor closed its end) or an empty packet.
-                Ok((0, _)) => break,
-                Ok((n, fds)) => {
-                    handled += 1;
-                    if let Err(e) = self.hotplug_one(buf.get(..n).unwrap_or(&[]), fds) {
-                        self.counters.hotplug_bad.inc();
-                        warn!(%e, "hotplug message refused");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // A message with too many fds was consumed (and its fds closed): go on.
-                    self.counters.hotplug_bad.inc();
-                    warn!(%e, "hotplug message unreadable");
-                    if e.kind() != std::io::ErrorKind::InvalidData {
-                        break;
-                    }
-                }
-            }
-        }
-        self.hotplug_buf = buf;
+        let (handled, bad) = sock.read(HOTPLUG_BATCH, |ev| self.apply_hotplug(ev));
         self.hotplug = Some(sock);
+        for _ in 0..bad {
+            self.counters.hotplug_bad.inc();
+        }
         self.mirror.sync(&self.engine, self.apps.len());
         Ok(handled)
     }

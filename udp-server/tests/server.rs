@@ -42,7 +42,7 @@ fn rig(
         TransportLink::open(tlink.region().reopen(RegionKind::RINGS).unwrap()).unwrap(),
         SocketTable::open(table.region().reopen(RegionKind::GENERIC).unwrap()).unwrap(),
         Some(ip_control.doorbell().clone()),
-        hotplug,
+        hotplug.map(|s| keepnet_server::app::HotplugSocket::new(s.into()).unwrap()),
         &control,
     )
     .unwrap();

@@ -1571,6 +1571,13 @@ impl<'a> Conn<'a> {
         let data_start = self.data_start();
         let off = seq.since(data_start);
         let mut r = self.base_repr(now, seq, Flags::ACK);
+        // RFC 6691 / RFC 9293 3.7.1: the MSS counts the data and the options beyond the
+        // fixed header; SMSS already leaves room for timestamps, so SACK blocks riding on a
+        // data segment take their bytes from the payload (else the datagram outgrows the MTU
+        // and is fragmented).
+        let ts = if r.timestamps.is_some() { 12 } else { 0 };
+        let extra = (r.options_len() as u32).saturating_sub(ts);
+        let len = len.min(self.mss().saturating_sub(extra).max(1));
         let payload = send_peek(&self.tcb.snd_ring, self.snd, off, len);
         let n = payload.len() as u32;
         let end = seq + n;

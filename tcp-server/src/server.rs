@@ -1215,8 +1215,15 @@ impl TcpServer {
             while conn.recv(&mut sink).unwrap_or(0) > 0 {}
         }
         let (d2, c2) = (conn.tcb.dropped, conn.tcb.challenge_acks);
+        // An ACK owed at once (out-of-order data, a hole filled, every second full segment:
+        // RFC 5681 4.2, RFC 9293 3.10.7.4) goes out now, not after the rest of the batch:
+        // coalescing them would hide duplicate ACKs from the sender's fast retransmit.
+        let ack_now = conn.tcb.has(flag::ACK_NOW);
         self.count_n(Ctr::DropUnacceptable, u64::from(d2.wrapping_sub(dropped)));
         self.count_n(Ctr::ChallengeAcks, u64::from(c2.wrapping_sub(challenges)));
+        if ack_now {
+            self.transmit(slot, now);
+        }
         self.mark(slot);
     }
 

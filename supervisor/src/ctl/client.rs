@@ -245,7 +245,7 @@ pub fn call(
     (&stream)
         .write_all(text.as_bytes())
         .map_err(io("send request"))?;
-    if matches!(req, Request::Link) {
+    if matches!(req, Request::Link | Request::Wire) {
         let mut buf = vec![0u8; 4096];
         let (n, fds) =
             keepnet_ipc::fdpass::recv_fds(&stream, &mut buf).map_err(io("receive answer"))?;

@@ -124,6 +124,11 @@ pub struct Daemon {
     udp_link: TransportLink,
     udp_state: keepnet_udp::state::SocketTable,
     tap: Option<OwnedFd>,
+    /// The memory wire (`link.backend = "wire"`): made here (side a) or joined (side b).
+    wire: Option<keepnet_driver::wire::Wire>,
+    /// The wire's eventfds: side a's driver parks on the first, side b's on the second; each
+    /// driver rings the other's after sending.
+    wire_bells: Option<(OwnedFd, OwnedFd)>,
     driver_bell: OwnedFd,
     udp_bell: OwnedFd,
     tcp_link: TransportLink,
@@ -192,7 +197,23 @@ fn server_env(config: &Config, name: &str) -> Vec<(String, String)> {
     match name {
         "driver" => env.push((
             "KEEPNET_DRIVER_CONFIG".into(),
-            serde_json::json!({"backend": "tap"}).to_string(),
+            match config.link.backend {
+                crate::config::LinkBackend::Tap => serde_json::json!({"backend": "tap"}),
+                crate::config::LinkBackend::Wire => {
+                    let mut j = serde_json::json!({
+                        "backend": "wire",
+                        "side": match config.link.wire_side {
+                            crate::config::WireSide::A => "a",
+                            crate::config::WireSide::B => "b",
+                        },
+                    });
+                    if let Some(f) = &config.link.wire_faults {
+                        j["faults"] = serde_json::to_value(f).unwrap_or_default();
+                    }
+                    j
+                }
+            }
+            .to_string(),
         )),
         "udp" => env.push((
             "KEEPNET_UDP_CONFIG".into(),
@@ -293,6 +314,8 @@ impl Daemon {
             udp_link,
             udp_state,
             tap: None,
+            wire: None,
+            wire_bells: None,
             driver_bell,
             udp_bell,
             tcp_link,
@@ -306,30 +329,13 @@ impl Daemon {
             run_dir,
         };
 
-        // The TAP device: the daemon holds it, so a driver crash never takes it away.
-        let tap = &config.link.tap;
-        if lab::link_exists(tap) {
-            return Err(DaemonError::Tap {
-                tap: tap.clone(),
-                message: "a network device of that name already exists here (another keepnet instance? `keepnet down`, or set link.tap)".into(),
-            });
+        if config.link.backend == crate::config::LinkBackend::Wire {
+            let (wire, bells) = join_wire(&config)?;
+            d.wire = Some(wire);
+            d.wire_bells = Some(bells);
+        } else {
+            d.make_tap(&config)?;
         }
-        let t = keepnet_driver::tap::Tap::create(tap, config.link.mtu, None).map_err(|e| {
-            DaemonError::Tap {
-                tap: tap.clone(),
-                message: e.to_string(),
-            }
-        })?;
-        // Keep a duplicate (same open file description): the device lives as long as it does.
-        d.tap = Some(t.fd().try_clone_to_owned().map_err(io("dup the TAP fd"))?);
-        drop(t);
-        lab::ip(&[
-            "addr",
-            "add",
-            &config.link.kernel_addr.to_string(),
-            "dev",
-            tap,
-        ])?;
 
         let opts_per_server = placement(&config);
         for ((name, binary), run) in SERVERS.iter().zip(binaries).zip(opts_per_server) {
@@ -383,6 +389,34 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The TAP device: the daemon holds it, so a driver crash never takes it away.
+    fn make_tap(&mut self, config: &Config) -> Result<(), DaemonError> {
+        let tap = &config.link.tap;
+        if lab::link_exists(tap) {
+            return Err(DaemonError::Tap {
+                tap: tap.clone(),
+                message: "a network device of that name already exists here (another keepnet instance? `keepnet down`, or set link.tap)".into(),
+            });
+        }
+        let t = keepnet_driver::tap::Tap::create(tap, config.link.mtu, None).map_err(|e| {
+            DaemonError::Tap {
+                tap: tap.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        // Keep a duplicate (same open file description): the device lives as long as it does.
+        self.tap = Some(t.fd().try_clone_to_owned().map_err(io("dup the TAP fd"))?);
+        drop(t);
+        lab::ip(&[
+            "addr",
+            "add",
+            &config.link.kernel_addr.to_string(),
+            "dev",
+            tap,
+        ])?;
+        Ok(())
+    }
+
     fn log_file(&self, name: &str) -> PathBuf {
         self.run_dir.join(format!("{name}.log"))
     }
@@ -419,10 +453,21 @@ impl Daemon {
                 if let Some(r) = &ip_region {
                     regions.push(("peer.ip", r));
                 }
+                if let Some(w) = &self.wire {
+                    regions.push(("wire", w.region()));
+                }
                 let tap = self.tap.as_ref().map(|t| t.as_fd());
                 let mut fds = vec![("bell", self.driver_bell.as_fd())];
                 if let Some(t) = tap {
                     fds.push(("tap", t));
+                }
+                if let Some((a, b)) = &self.wire_bells {
+                    let (mine, peer) = match self.opts.config.link.wire_side {
+                        crate::config::WireSide::A => (a, b),
+                        crate::config::WireSide::B => (b, a),
+                    };
+                    fds.push(("wire.rx", mine.as_fd()));
+                    fds.push(("wire.peer", peer.as_fd()));
                 }
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
@@ -860,7 +905,7 @@ impl Daemon {
         };
         // Attaching and reading the status are open to every local user; stopping the
         // constellation and mirroring its traffic are for root and the supervisor's own user.
-        let privileged = matches!(req, Request::Down | Request::Link);
+        let privileged = matches!(req, Request::Down | Request::Link | Request::Wire);
         if privileged {
             let uid =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
@@ -894,6 +939,26 @@ impl Daemon {
             }
             Request::Attach { protocol } => {
                 self.attach(stream, protocol);
+                false
+            }
+            Request::Wire => {
+                match (&self.wire, &self.wire_bells) {
+                    (Some(w), Some((a, b))) => send(
+                        &stream,
+                        &Answer::Ok {
+                            message: "wire region".into(),
+                        },
+                        &[w.region().fd(), a.as_fd(), b.as_fd()],
+                    ),
+                    _ => send(
+                        &stream,
+                        &Answer::Error {
+                            message: "this instance has no memory wire (link.backend is tap)"
+                                .into(),
+                        },
+                        &[],
+                    ),
+                }
                 false
             }
             Request::Down => {
@@ -1124,5 +1189,51 @@ fn send(stream: &UnixStream, answer: &Answer, fds: &[std::os::fd::BorrowedFd<'_>
     };
     if let Err(e) = r {
         warn!(%e, "could not answer a control request");
+    }
+}
+
+/// Side a makes the memory wire; side b asks the instance named by `link.wire_peer` for its
+/// wire over that instance's control socket.
+fn join_wire(
+    config: &Config,
+) -> Result<(keepnet_driver::wire::Wire, (OwnedFd, OwnedFd)), DaemonError> {
+    use keepnet_driver::wire::Wire;
+    let shm = |e: keepnet_driver::wire::WireError| DaemonError::Shm(format!("memory wire: {e}"));
+    match config.link.wire_side {
+        crate::config::WireSide::A => {
+            let wire = Wire::create(&format!("{}-wire", config.instance), 1024).map_err(shm)?;
+            let a = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+            let b = keepnet_ipc::new_eventfd().map_err(io("eventfd"))?;
+            Ok((wire, (a, b)))
+        }
+        crate::config::WireSide::B => {
+            let peer = config.link.wire_peer.clone().unwrap_or_default();
+            let (ans, mut fds) = super::client::call(&peer, &Request::Wire).map_err(|e| {
+                DaemonError::Shm(format!("joining the wire of instance {peer:?}: {e}"))
+            })?;
+            if let Answer::Error { message } = ans {
+                return Err(DaemonError::Shm(format!(
+                    "instance {peer:?} gave no wire: {message}"
+                )));
+            }
+            if fds.len() != 3 {
+                return Err(DaemonError::Shm(format!(
+                    "instance {peer:?} sent {} fds for its wire, not 3",
+                    fds.len()
+                )));
+            }
+            let b = fds
+                .pop()
+                .ok_or_else(|| DaemonError::Shm("no wire eventfd".into()))?;
+            let a = fds
+                .pop()
+                .ok_or_else(|| DaemonError::Shm("no wire eventfd".into()))?;
+            let fd = fds
+                .pop()
+                .ok_or_else(|| DaemonError::Shm("no wire region".into()))?;
+            let region = keepnet_ipc::Region::open(fd, keepnet_ipc::RegionKind::RINGS)
+                .map_err(|e| DaemonError::Shm(format!("wire region: {e}")))?;
+            Ok((Wire::open(region).map_err(shm)?, (a, b)))
+        }
     }
 }

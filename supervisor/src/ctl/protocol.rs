@@ -15,6 +15,8 @@ pub enum Request {
     Link,
     /// Stop everything and exit.
     Down,
+    /// The memory wire's region (sent as an fd), for the instance on its other side.
+    Wire,
     /// An application attaches (see `keepnet_server::app`): the answer carries its region
     /// and the server's doorbell eventfd, and the connection stays open until it exits.
     Attach { protocol: u8 },

@@ -276,23 +276,24 @@ impl AppConn {
     }
 }
 
-fn read_tag(link: &AppLink, index: u32) -> Option<u32> {
+/// The tag before an RX buffer's payload: (connection handle, bytes delivered in it).
+fn read_tag(link: &AppLink, index: u32) -> Option<(u32, u32)> {
     let r = link
         .rx_pool
         .check(&Descriptor {
             pool: APP_RX_POOL,
             lease: 0,
             index,
-            offset: TAG_AT,
-            len: 8,
+            offset: TAG_AT - 4,
+            len: 12,
         })
         .ok()?;
-    let mut b = [0u8; 8];
-    if link.rx_pool.read(&r, &mut b) != 8 {
+    let mut b = [0u8; 12];
+    if link.rx_pool.read(&r, &mut b) != 12 {
         return None;
     }
-    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    (magic == TAG_MAGIC).then(|| u32::from_le_bytes([b[4], b[5], b[6], b[7]]))
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (word(4) == TAG_MAGIC).then(|| (word(8), word(0)))
 }
 
 fn conn_handle(slot: u32, gen: u32) -> u32 {
@@ -461,14 +462,6 @@ impl TcpServer {
         }
         let isn = IsnGen::from_entropy()
             .map_err(|e| ServerError::Fatal(format!("reading /dev/urandom: {e}")))?;
-        let probe = Tcb::new(
-            &cfg.tcp,
-            SocketAddrV4::new(cfg.addr, 0),
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-            state.rings(0).0,
-            state.rings(0).1,
-            1,
-        );
         let ctr = |name: &str| control.counter(name);
         let counters: Vec<Counter> = Ctr::ALL.iter().map(|c| ctr(c.name())).collect();
         let gauge = |name: &str| {
@@ -488,7 +481,11 @@ impl TcpServer {
         );
         Ok(TcpServer {
             synack_window: geo.rcvbuf.min(0xffff) as u16,
-            rcv_shift: probe.rcv_shift,
+            rcv_shift: if cfg.tcp.window_scaling {
+                crate::tcb::window_shift(geo.rcvbuf)
+            } else {
+                0
+            },
             cfg,
             send_free,
             deliver_retakes,
@@ -598,7 +595,6 @@ impl TcpServer {
 
     /// Application `app` went away: its listeners close, its connections are aborted.
     pub fn detach(&mut self, app: u32) -> usize {
-        let now = now_us();
         let mut closed = 0;
         for i in 0..self.state.geometry().listeners {
             let owned = self
@@ -606,7 +602,7 @@ impl TcpServer {
                 .listen_mut(i)
                 .is_some_and(|l| l.meta.used == 1 && l.meta.app == app);
             if owned {
-                self.close_listener(i, now);
+                self.close_listener(i);
                 closed += 1;
             }
         }
@@ -710,9 +706,8 @@ impl TcpServer {
             }
             c.ends.rx_return.commit(n)?;
             for i in took {
-                if let Some(h) = read_tag(&c.link, i) {
-                    let len = read_len_tag(&c.link, i);
-                    released.push((h, len));
+                if let Some(tag) = read_tag(&c.link, i) {
+                    released.push(tag);
                 }
                 c.rx_free.put(i);
             }
@@ -784,11 +779,11 @@ impl TcpServer {
                 None
             }
             op::CLOSE => {
-                let st = self.close(app, req.socket, false, now);
+                let st = self.close(app, req.socket, false);
                 wants.then(|| reply(req, st))
             }
             op::ABORT => {
-                let st = self.close(app, req.socket, true, now);
+                let st = self.close(app, req.socket, true);
                 wants.then(|| reply(req, st))
             }
             op::SHUTDOWN => {
@@ -1019,9 +1014,9 @@ impl TcpServer {
         }
     }
 
-    fn close(&mut self, app: u32, h: u32, abort: bool, now: u64) -> Status {
+    fn close(&mut self, app: u32, h: u32, abort: bool) -> Status {
         if let Some(slot) = self.listener_of(app, h) {
-            self.close_listener(slot, now);
+            self.close_listener(slot);
             return Status::Ok;
         }
         let Some(slot) = self.conn_of(app, h) else {
@@ -1050,7 +1045,7 @@ impl TcpServer {
         Status::Ok
     }
 
-    fn close_listener(&mut self, slot: u32, now: u64) {
+    fn close_listener(&mut self, slot: u32) {
         let Some(l) = self.state.listen_mut(slot) else {
             return;
         };
@@ -1073,7 +1068,6 @@ impl TcpServer {
                 self.mark(i);
             }
         }
-        let _ = now;
         debug!(port, "listener closed");
     }
 
@@ -1806,26 +1800,6 @@ impl TcpServer {
         }
         Ok(())
     }
-}
-
-fn read_len_tag(link: &AppLink, index: u32) -> u32 {
-    // The delivered length is the descriptor's; the owner table does not keep it, so the
-    // server wrote it into the headroom before the tag.
-    let r = match link.rx_pool.check(&Descriptor {
-        pool: APP_RX_POOL,
-        lease: 0,
-        index,
-        offset: TAG_AT - 4,
-        len: 4,
-    }) {
-        Ok(r) => r,
-        Err(_) => return 0,
-    };
-    let mut b = [0u8; 4];
-    if link.rx_pool.read(&r, &mut b) != 4 {
-        return 0;
-    }
-    u32::from_le_bytes(b)
 }
 
 /// Writes one segment into a SEND_POOL buffer and queues its slot. False if none was free.

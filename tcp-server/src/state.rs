@@ -86,8 +86,6 @@ pub mod meta {
     pub const SHUT_RD: u32 = 1 << 5;
     /// A listener.
     pub const LISTENER: u32 = 1 << 6;
-    /// WRITABLE owed once the send buffer has room.
-    pub const WANT_WRITABLE: u32 = 1 << 7;
     /// The application closed it with SEND buffers still queued: close once they are in.
     pub const CLOSE_AFTER_DRAIN: u32 = 1 << 8;
     /// Shut down writing once the queued SEND buffers are in.

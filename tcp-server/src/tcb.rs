@@ -434,6 +434,16 @@ pub struct Tcb {
 
 /// A `Tcb` must fit a fixed slot of the state region.
 pub const TCB_MAX_SIZE: usize = 1024;
+
+/// The window shift we offer for a receive buffer of `cap` bytes (RFC 7323 2.3: the smallest
+/// shift that lets the 16-bit window field cover the buffer, at most 14).
+pub fn window_shift(cap: u32) -> u8 {
+    let mut shift = 0u8;
+    while shift < 14 && (cap >> shift) > 0xffff {
+        shift += 1;
+    }
+    shift
+}
 const _: () = assert!(std::mem::size_of::<Tcb>() <= TCB_MAX_SIZE);
 
 impl Tcb {
@@ -455,14 +465,11 @@ impl Tcb {
         if cfg.keepalive {
             flags |= flag::KEEPALIVE;
         }
-        let rcv_cap = rcv_ring.cap;
-        // RFC 7323 2.3: the smallest shift that lets the 16-bit field cover the buffer.
-        let mut rcv_shift = 0u8;
-        if cfg.window_scaling {
-            while rcv_shift < 14 && (rcv_cap >> rcv_shift) > 0xffff {
-                rcv_shift += 1;
-            }
-        }
+        let rcv_shift = if cfg.window_scaling {
+            window_shift(rcv_ring.cap)
+        } else {
+            0
+        };
         Tcb {
             state: State::Closed as u8,
             error: 0,

@@ -413,3 +413,22 @@ fn bad_frames_are_counted_and_change_nothing() {
         "ping right after the bad frames"
     );
 }
+
+/// `keepnet demo`, the README's main command, end to end: ping, UDP echo, the TCP download
+/// with its SHA-256, and a clean `down`.
+#[test]
+fn demo_runs_every_step_and_says_ok() {
+    if !root_or_skip("demo_runs_every_step_and_says_ok") {
+        return;
+    }
+    let _w = keepnet_tests::harness::Watchdog::arm("keepnet demo", Duration::from_secs(300));
+    let out = Command::new(KEEPNET)
+        .arg("demo")
+        .output()
+        .expect("run keepnet demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "keepnet demo failed");
+    assert!(text.contains("tcp download: complete, SHA-256 right"));
+    assert!(text.trim_end().ends_with("demo: OK"));
+}

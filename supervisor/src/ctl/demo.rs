@@ -126,9 +126,7 @@ pub fn run() -> Result<(), ClientError> {
         &[
             "sh",
             "-c",
-            &format!(
-                "set -o pipefail 2>/dev/null; curl -sS --fail --max-time 60 http://{target}/bytes/{DOWNLOAD} | sha256sum"
-            ),
+            &format!("curl -sS --fail --max-time 60 http://{target}/bytes/{DOWNLOAD} | sha256sum"),
         ],
     )
     .map_err(|source| ClientError::Io {

@@ -1,6 +1,7 @@
 //! `keepnet bench TARGET`: benchmarks, each beside its baselines in the same run.
 
 pub mod affinity;
+pub mod child;
 pub mod fds;
 pub mod interrupt;
 pub mod ipc;

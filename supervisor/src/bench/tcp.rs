@@ -24,14 +24,14 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::child::{run_bounded, tail, Reaped};
 use super::interrupt;
 use super::tcp_probe::{Pattern, TcpProbeSummary, CHUNK};
 use super::tcp_server::Service;
@@ -372,70 +372,9 @@ impl Results {
 // ---------------------------------------------------------------------------------------
 // Child processes, each bounded in time and killed on every exit path.
 
-/// A child process killed and reaped on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn collect(r: Option<impl std::io::Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
-    r.map(|mut r| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    })
-}
-
-/// Runs `cmd` within `limit`, killing it then; returns its status (`None`: killed), stdout
-/// and stderr.
-fn bounded(cmd: &mut Command, limit: Duration) -> Result<(Option<ExitStatus>, String, String)> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("run {what}"))?;
-    let (out, err) = (collect(child.stdout.take()), collect(child.stderr.take()));
-    let mut child = Killed(child);
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child
-            .0
-            .try_wait()
-            .with_context(|| format!("wait for {what}"))?
-        {
-            break Some(st);
-        }
-        interrupt::check()?;
-        if Instant::now() >= end {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    drop(child);
-    let text = |h: Option<JoinHandle<Vec<u8>>>| {
-        h.and_then(|h| h.join().ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default()
-    };
-    Ok((status, text(out), text(err)))
-}
-
-fn last_lines(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(2)..].join(" | ")
-}
-
 /// Starts a server that prints one line starting with `ready` once it serves; waits for it
 /// (10 s at most).
-fn start_server(cmd: &mut Command, ready: &str, what: &str) -> Result<Killed> {
+fn start_server(cmd: &mut Command, ready: &str, what: &str) -> Result<Reaped> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -443,7 +382,7 @@ fn start_server(cmd: &mut Command, ready: &str, what: &str) -> Result<Killed> {
         .spawn()
         .with_context(|| format!("start {what}"))?;
     let stdout = child.stdout.take();
-    let child = Killed(child);
+    let child = Reaped(child);
     let (tx, rx) = mpsc::channel();
     if let Some(mut r) = stdout {
         std::thread::spawn(move || {
@@ -494,7 +433,7 @@ fn probe(
         .args(["--congestion", CONGESTION])
         .env("RUST_LOG", "warn");
     let limit = Duration::from_secs_f64(limit_s) + Duration::from_secs(15);
-    let (status, out, err) = bounded(&mut cmd, limit).map_err(|e| e.to_string())?;
+    let (status, out, err) = run_bounded(&mut cmd, limit).map_err(|e| e.to_string())?;
     let line = out.lines().rev().find(|l| l.trim_start().starts_with('{'));
     match line.map(serde_json::from_str::<TcpProbeSummary>) {
         Some(Ok(s)) if s.passed => Ok(s),
@@ -502,7 +441,7 @@ fn probe(
         _ => Err(format!(
             "the probe gave no summary ({}): {}",
             status.map_or("killed at its time limit".to_string(), |s| s.to_string()),
-            last_lines(&err)
+            tail(&err, 2)
         )),
     }
 }
@@ -530,7 +469,7 @@ fn set_congestion(ns: &str) -> String {
         ),
         Ok((false, _, err)) => format!(
             "{now} (setting {CONGESTION} as the default failed: {})",
-            last_lines(&err)
+            tail(&err, 2)
         ),
         Err(e) => format!("{now} (sysctl: {e})"),
     }
@@ -575,7 +514,7 @@ fn offloads_off(ns: &str, dev: &str) -> String {
         })
         .collect();
     let failed = match set {
-        Ok((false, _, err)) => format!(" (ethtool -K: {})", last_lines(&err)),
+        Ok((false, _, err)) => format!(" (ethtool -K: {})", tail(&err, 2)),
         _ => String::new(),
     };
     format!("{dev}: {}{failed}", parts.join(", "))
@@ -585,7 +524,7 @@ fn offloads_off(ns: &str, dev: &str) -> String {
 /// server on the other side. Server killed, then namespace removed, on drop.
 struct SmolLab {
     ns: String,
-    server: Option<Killed>,
+    server: Option<Reaped>,
 }
 
 impl SmolLab {
@@ -636,7 +575,7 @@ impl Drop for SmolLab {
 /// The Linux baseline: a veth pair and `__tcp-server` in its `b` side; the server is killed
 /// before the namespaces go.
 struct LinuxLab {
-    server: Option<Killed>,
+    server: Option<Reaped>,
     veth: Veth,
 }
 

@@ -9,13 +9,13 @@
 use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::child::{run_bounded, tail, Reaped};
 use super::interrupt;
 use super::probe::ProbeSummary;
 use super::udp_echo::READY;
@@ -247,71 +247,6 @@ pub fn integrity(ms: &[Measurement], side: Side) -> Integrity {
 // ---------------------------------------------------------------------------------------
 // Child processes, each bounded in time and killed (by its pid) on every exit path.
 
-/// A child process that is killed and reaped on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn drain(r: Option<impl std::io::Read + Send + 'static>) -> Option<JoinHandle<Vec<u8>>> {
-    r.map(|mut r| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    })
-}
-
-/// Runs a command to completion within `limit` (killing it after), returning its status
-/// (`None` if it was killed), stdout and stderr.
-fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<(Option<ExitStatus>, String, String)> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("run {what}"))?;
-    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
-    let mut child = Reaped(child);
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child
-            .0
-            .try_wait()
-            .with_context(|| format!("wait for {what}"))?
-        {
-            break Some(st);
-        }
-        // On an interrupt the guard kills and reaps it.
-        interrupt::check()?;
-        if Instant::now() >= deadline {
-            let _ = child.0.kill();
-            let _ = child.0.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    drop(child);
-    let text = |h: Option<JoinHandle<Vec<u8>>>| {
-        h.and_then(|h| h.join().ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default()
-    };
-    Ok((status, text(out), text(err)))
-}
-
-/// The last few lines of a text, for error messages.
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
-}
-
 fn this_exe() -> Result<PathBuf> {
     std::env::current_exe().context("find the keepnet binary")
 }
@@ -351,7 +286,7 @@ fn probe_in(exe: &Path, ns: &str, target: SocketAddr, p: ProbeSpec) -> Result<Pr
         _ => Err(Error::Peer(format!(
             "udp probe in {ns} against {target} gave no summary ({}): {}",
             status.map_or("killed at its time limit".to_string(), |s| s.to_string()),
-            tail(&err)
+            tail(&err, 3)
         ))),
     }
 }
@@ -505,7 +440,7 @@ fn sockperf(
                 let text = format!("{out}\n{err}");
                 match sockperf_percentiles(&text) {
                     (Some(p50), p99) => serde_json::json!({"rtt_p50_us": p50, "rtt_p99_us": p99}),
-                    _ => serde_json::json!({"error": tail(&text)}),
+                    _ => serde_json::json!({"error": tail(&text, 3)}),
                 }
             }
             Err(e) => serde_json::json!({"error": e.to_string()}),

@@ -119,7 +119,7 @@ pub fn run() -> Result<(), ClientError> {
     step(&format!(
         "TCP download from the kernel side: curl fetches http://{target}/bytes/{DOWNLOAD} (byte i = i mod 251) and checks its SHA-256"
     ));
-    let want = bytes_sha256(DOWNLOAD);
+    let want = crate::bench::tcp::pattern_sha256(DOWNLOAD);
     let t0 = std::time::Instant::now();
     let (curl_ok, curl_out, curl_err) = lab::netns_exec(
         &netns,
@@ -193,19 +193,4 @@ pub fn run() -> Result<(), ClientError> {
             "demo: some step failed (see above)".into(),
         ))
     }
-}
-
-/// SHA-256 (hex) of `n` bytes where byte i is `i mod 251`, what the HTTP service's
-/// `/bytes/N` serves.
-pub fn bytes_sha256(n: u64) -> String {
-    use sha2::{Digest, Sha256};
-    let pattern: Vec<u8> = (0..251 * 4096).map(|i| (i % 251) as u8).collect();
-    let mut h = Sha256::new();
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(pattern.len() as u64) as usize;
-        h.update(&pattern[..k]);
-        left -= k as u64;
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

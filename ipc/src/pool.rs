@@ -592,6 +592,10 @@ impl Retakes {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// True if buffer `index` may still be re-taken.
+    pub fn contains(&self, index: u32) -> bool {
+        self.0.contains(&index)
+    }
 }
 
 /// The private free list of a pool's home endpoint (or a client's cache of granted buffers).

@@ -196,6 +196,10 @@ impl Protocol for Tcp {
                 true
             }
             event::ACCEPTED => {
+                if t.socks.contains_key(&ev.id) {
+                    // Told again by a restarted server that could not know we heard it.
+                    return false;
+                }
                 let local = match t.socks.get(&ev.socket) {
                     Some(l) if l.listener => l.local,
                     _ => {

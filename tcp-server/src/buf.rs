@@ -195,21 +195,31 @@ impl<'a> RecvRing<'a> {
     pub fn commit(&mut self, n: u32) {
         self.geo.len = self.geo.len.saturating_add(n).min(self.capacity());
     }
-    /// Copies up to `dst.len()` readable bytes out and frees them; returns the count.
-    pub fn read(&mut self, dst: &mut [u8]) -> usize {
+    /// Copies up to `dst.len()` readable bytes out without freeing them; returns the count.
+    pub fn peek(&self, dst: &mut [u8]) -> usize {
         let n = dst.len().min(self.geo.len as usize);
-        let cap = self.capacity();
         copy_out(
             self.mem,
-            cap,
+            self.capacity(),
             self.geo.head,
             dst.get_mut(..n).unwrap_or(&mut []),
         );
+        n
+    }
+    /// Frees up to `n` readable bytes; returns the count.
+    pub fn discard(&mut self, n: usize) -> usize {
+        let n = n.min(self.geo.len as usize);
+        let cap = self.capacity();
         if cap != 0 {
             self.geo.head = ((u64::from(self.geo.head) + n as u64) % u64::from(cap)) as u32;
         }
         self.geo.len -= n as u32;
         n
+    }
+    /// Copies up to `dst.len()` readable bytes out and frees them; returns the count.
+    pub fn read(&mut self, dst: &mut [u8]) -> usize {
+        let n = self.peek(dst);
+        self.discard(n)
     }
 }
 

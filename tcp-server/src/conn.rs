@@ -448,6 +448,20 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// Copies in-order bytes out without consuming them (see [`Conn::consume`]).
+    pub fn peek(&mut self, buf: &mut [u8]) -> usize {
+        self.rcvring().peek(buf)
+    }
+
+    /// Consumes `n` bytes [`Conn::peek`] copied out, as [`Conn::recv`] would have.
+    pub fn consume(&mut self, n: usize) -> usize {
+        let n = self.rcvring().discard(n);
+        if n > 0 {
+            self.maybe_window_update();
+        }
+        n
+    }
+
     /// Bytes waiting to be read.
     pub fn recv_queue(&self) -> u32 {
         self.tcb.rcv_ring.len

@@ -54,11 +54,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use keepnet_ipc::{
-    BufRef, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes, RingError,
+    BufRef, BufferPool, Descriptor, Doorbell, EndpointId, FreeList, Region, RegionKind, Retakes,
+    RingError,
 };
 use keepnet_server::app::{
     event, op, shut, sockopt, AppEvent, AppLink, AppRequest, AppServerEnds, HotplugEvent,
-    HotplugSocket, ServerBuffers, Status, APP_BUF, APP_HEADROOM, APP_RX_POOL,
+    HotplugSocket, ServerBuffers, Status, APP_BUF, APP_HEADROOM,
 };
 use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP};
@@ -100,9 +101,19 @@ pub const BATCH: usize = 64;
 const COLLECT: usize = 512;
 /// SEND_POOL buffers kept back from data bursts for control segments (ACKs, RSTs, SYN-ACKs).
 const CONTROL_RESERVE: usize = 8;
-/// Tag before the payload of an APP_RX_POOL buffer: magic, then the connection's handle.
+/// Tag before the payload of an APP_RX_POOL buffer (24 bytes ending at the headroom): the
+/// stream offset of its first byte (u64), the buffer's lease when it was filled, the length,
+/// the magic, the connection's handle. A restarted server tells from it which of the buffers
+/// it holds were filled and never published (lease unchanged), see [`TcpServer::attach`].
 const TAG_MAGIC: u32 = u32::from_le_bytes(*b"TCPT");
 const TAG_AT: u32 = APP_HEADROOM - 8;
+const RX_TAG_LEN: usize = 24;
+/// Tag at the start of an APP_TX_POOL buffer the server took (32 bytes, in the headroom the
+/// payload never uses): magic, handle, lease after the take, payload offset and length, and
+/// the stream offset of the payload's first byte. A restarted server rebuilds its queue of
+/// SEND buffers from these, and recognises a SEND it meets again on the ring.
+const TX_TAG_MAGIC: u32 = u32::from_le_bytes(*b"TCPS");
+const TX_TAG_LEN: usize = 32;
 /// Hotplug messages handled per `Command::Hotplug` at most.
 const HOTPLUG_BATCH: usize = 4096;
 /// Ephemeral ports (RFC 6335 8.1.2 dynamic range).
@@ -235,6 +246,17 @@ struct AppConn {
     /// Connections with news for this application that found no RX buffer or no room on
     /// its events ring: serviced again once it hands buffers back or reads events.
     starved: Vec<u32>,
+    /// Requests that were on the ring when it attached: after a restart they may be ones a
+    /// predecessor carried out without committing (LISTEN and CONNECT answer again).
+    replay_left: usize,
+}
+
+/// What `recover_app_buffers` found.
+#[derive(Default)]
+struct Recovered {
+    conns: usize,
+    republished: usize,
+    requeued: usize,
 }
 
 impl AppConn {
@@ -276,24 +298,104 @@ impl AppConn {
     }
 }
 
-/// The tag before an RX buffer's payload: (connection handle, bytes delivered in it).
-fn read_tag(link: &AppLink, index: u32) -> Option<(u32, u32)> {
-    let r = link
-        .rx_pool
+/// The tag of an RX buffer (see [`TAG_MAGIC`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RxTag {
+    handle: u32,
+    len: u32,
+    lease: u16,
+    start: u64,
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(w)
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Reads `N` bytes of buffer `index` of `pool` at `offset` (validated like any descriptor).
+fn read_at<const N: usize>(pool: &BufferPool, index: u32, offset: u32) -> Option<[u8; N]> {
+    let r = pool
         .check(&Descriptor {
-            pool: APP_RX_POOL,
+            pool: pool.id(),
             lease: 0,
             index,
-            offset: TAG_AT - 4,
-            len: 12,
+            offset,
+            len: N as u32,
         })
         .ok()?;
-    let mut b = [0u8; 12];
-    if link.rx_pool.read(&r, &mut b) != 12 {
-        return None;
+    let mut b = [0u8; N];
+    (pool.read(&r, &mut b) == N).then_some(b)
+}
+
+/// The tag before an RX buffer's payload, if it has one.
+fn read_tag(link: &AppLink, index: u32) -> Option<RxTag> {
+    let b: [u8; RX_TAG_LEN] = read_at(&link.rx_pool, index, TAG_AT + 8 - RX_TAG_LEN as u32)?;
+    (le32(&b, 16) == TAG_MAGIC).then(|| RxTag {
+        start: le64(&b, 0),
+        lease: le32(&b, 8) as u16,
+        len: le32(&b, 12),
+        handle: le32(&b, 20),
+    })
+}
+
+fn write_tag(link: &AppLink, index: u32, t: &RxTag) -> bool {
+    let mut b = [0u8; RX_TAG_LEN];
+    b[..8].copy_from_slice(&t.start.to_le_bytes());
+    b[8..12].copy_from_slice(&u32::from(t.lease).to_le_bytes());
+    b[12..16].copy_from_slice(&t.len.to_le_bytes());
+    b[16..20].copy_from_slice(&TAG_MAGIC.to_le_bytes());
+    b[20..24].copy_from_slice(&t.handle.to_le_bytes());
+    link.rx_pool
+        .write(index, TAG_AT + 8 - RX_TAG_LEN as u32, &b)
+        .is_ok()
+}
+
+/// The tag of a TX buffer the server took (see [`TX_TAG_MAGIC`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TxTag {
+    handle: u32,
+    lease: u16,
+    offset: u32,
+    len: u32,
+    start: u64,
+}
+
+fn read_tx_tag(link: &AppLink, index: u32) -> Option<TxTag> {
+    let b: [u8; TX_TAG_LEN] = read_at(&link.tx_pool, index, 0)?;
+    (le32(&b, 0) == TX_TAG_MAGIC).then(|| TxTag {
+        handle: le32(&b, 4),
+        lease: le32(&b, 8) as u16,
+        offset: le32(&b, 12),
+        len: le32(&b, 16),
+        start: le64(&b, 24),
+    })
+}
+
+fn write_tx_tag(link: &AppLink, index: u32, t: &TxTag) -> bool {
+    let mut b = [0u8; TX_TAG_LEN];
+    b[..4].copy_from_slice(&TX_TAG_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&t.handle.to_le_bytes());
+    b[8..12].copy_from_slice(&u32::from(t.lease).to_le_bytes());
+    b[12..16].copy_from_slice(&t.offset.to_le_bytes());
+    b[16..20].copy_from_slice(&t.len.to_le_bytes());
+    b[24..32].copy_from_slice(&t.start.to_le_bytes());
+    link.tx_pool.write(index, 0, &b).is_ok()
+}
+
+/// Records news for `slot` told this batch (see `Local::told_set`).
+fn tell(told: &mut Vec<u32>, l: &mut Local, slot: u32, set: u32, clear: u32) {
+    if l.told_set | l.told_clear == 0 {
+        told.push(slot);
     }
-    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    (word(4) == TAG_MAGIC).then(|| (word(8), word(0)))
+    l.told_set |= set;
+    l.told_clear |= clear;
 }
 
 fn conn_handle(slot: u32, gen: u32) -> u32 {
@@ -340,8 +442,19 @@ fn error_status(e: Option<TcpError>) -> Status {
 /// A connection's per-process bookkeeping (rebuilt from the table on a restart).
 #[derive(Default)]
 struct Local {
-    /// Application SEND buffers not yet all in the send ring: descriptor, bytes done.
-    pending: VecDeque<(Descriptor, u32)>,
+    /// Application SEND buffers not yet all in the send ring: descriptor, stream offset of
+    /// its first byte (bytes before `Meta::snd_appended` are in the ring already).
+    pending: VecDeque<(Descriptor, u64)>,
+    /// Stream offset after the last byte queued in `pending`.
+    queued_end: u64,
+    /// RX buffers filled by a crashed predecessor and never published: (index, length),
+    /// published before anything else.
+    redeliver: Vec<(u32, u32)>,
+    /// News told to the application this batch: `Meta::flags` bits to set and to clear once
+    /// the events are published (so the checkpoint before the publish still says "not told",
+    /// and a crash in between makes a successor tell again rather than never).
+    told_set: u32,
+    told_clear: u32,
     /// The application whose TX pool those buffers are in (it may have closed the
     /// connection since: its bytes still go out before the FIN).
     pending_app: u32,
@@ -355,6 +468,8 @@ struct Local {
 
 /// The server (module docs).
 pub struct TcpServer {
+    /// Connections with news told this batch (see `Local::told_set`).
+    told: Vec<u32>,
     cfg: Config,
     state: TcpState,
     link: TransportLink,
@@ -412,7 +527,7 @@ impl TcpServer {
     pub fn new(
         cfg: Config,
         link: TransportLink,
-        mut state: TcpState,
+        state: TcpState,
         ip_bell: Option<Doorbell>,
         hotplug: Option<HotplugSocket>,
         control: &ControlBlock,
@@ -433,35 +548,20 @@ impl TcpServer {
             .map(|&i| link.deliver_pool.descriptor(i, 0))
             .collect();
         let geo = state.geometry();
-        // A predecessor's sockets: recovering them is issue 6's; until then they are
-        // dropped (applications see ConnectionAborted when they use them).
-        let mut stale = 0;
-        for i in 0..geo.conns {
-            if let Some((m, _, _, _)) = state.conn_mut(i) {
-                if m.used != 0 {
-                    stale += 1;
-                    m.used = 0;
-                    m.gen = m.gen.wrapping_add(1);
-                }
+        // The ISN / cookie secret and the timestamp offset outlive the process (isn.rs).
+        let seed = monotonic_ns() ^ (u64::from(std::process::id()) << 17);
+        let (isn, ts_offset) = match state.seeds() {
+            Some((secret, ts)) => (IsnGen::new(secret), ts),
+            None => {
+                let isn = IsnGen::from_entropy()
+                    .map_err(|e| ServerError::Fatal(format!("reading /dev/urandom: {e}")))?;
+                let ts = (seed >> 7) as u32;
+                state
+                    .set_seeds(isn.secret(), ts)
+                    .map_err(|e| ServerError::Fatal(format!("{STATE_REGION} region: {e}")))?;
+                (isn, ts)
             }
-        }
-        for i in 0..geo.listeners {
-            if let Some(l) = state.listen_mut(i) {
-                if l.meta.used != 0 {
-                    stale += 1;
-                    l.meta.used = 0;
-                    l.meta.gen = l.meta.gen.wrapping_add(1);
-                }
-            }
-        }
-        if stale > 0 {
-            warn!(
-                stale,
-                "sockets of a previous tcp server dropped (recovery comes with issue 6)"
-            );
-        }
-        let isn = IsnGen::from_entropy()
-            .map_err(|e| ServerError::Fatal(format!("reading /dev/urandom: {e}")))?;
+        };
         let ctr = |name: &str| control.counter(name);
         let counters: Vec<Counter> = Ctr::ALL.iter().map(|c| ctr(c.name())).collect();
         let gauge = |name: &str| {
@@ -469,7 +569,6 @@ impl TcpServer {
             let v = c.get();
             (c, v)
         };
-        let seed = monotonic_ns() ^ (u64::from(std::process::id()) << 17);
         info!(
             addr = %cfg.addr,
             conns = geo.conns,
@@ -479,7 +578,8 @@ impl TcpServer {
             send_free = send_free.len(),
             "tcp server ready"
         );
-        Ok(TcpServer {
+        let mut server = TcpServer {
+            told: Vec::new(),
             synack_window: geo.rcvbuf.min(0xffff) as u16,
             rcv_shift: if cfg.tcp.window_scaling {
                 crate::tcb::window_shift(geo.rcvbuf)
@@ -509,12 +609,98 @@ impl TcpServer {
             blocked: Vec::new(),
             next_listen_tick: 0,
             isn,
-            ts_offset: (seed >> 7) as u32,
+            ts_offset,
             ephemeral_cursor: (seed as u16) | 0xc000,
             state,
             scratch: vec![0u8; DATAGRAM_BUF.max(APP_BUF) as usize],
             seg_buf: vec![0u8; DATAGRAM_BUF as usize],
-        })
+        };
+        let (conns, listeners, bad) = server.recover();
+        if conns + listeners + bad > 0 {
+            info!(
+                conns,
+                listeners,
+                dropped_corrupt = bad,
+                "recovered the sockets of the previous tcp server"
+            );
+        }
+        server.sync_gauges();
+        Ok(server)
+    }
+
+    /// A fresh server over a table a predecessor left: every checkpointed connection and
+    /// every listener comes back, with its index entries and timers (state.rs docs). The
+    /// applications' buffers are recovered as each application is attached again.
+    fn recover(&mut self) -> (usize, usize, usize) {
+        let geo = self.state.geometry();
+        let hwm = self.state.conn_hwm();
+        let mut used = vec![false; geo.conns as usize];
+        let (mut conns, mut bad) = (0, 0);
+        for i in 0..hwm {
+            let Some(m) = self.state.restore_conn(i) else {
+                continue;
+            };
+            if m.used != 1 {
+                continue;
+            }
+            let (sg, rg) = self.state.rings(i);
+            let Some((m, tcb, s, r)) = self.state.conn_mut(i) else {
+                continue;
+            };
+            let geom_ok = (tcb.snd_ring.off, tcb.snd_ring.cap) == (sg.off, sg.cap)
+                && (tcb.rcv_ring.off, tcb.rcv_ring.cap) == (rg.off, rg.cap);
+            let key = (tcb.remote_ip, tcb.remote_port, tcb.local_port);
+            if !geom_ok || (tcb.state() != State::Closed && self.conn_index.contains_key(&key)) {
+                // Not this slot's rings, or a second connection on one 4-tuple: corrupt.
+                m.used = 0;
+                m.gen = m.gen.wrapping_add(1);
+                bad += 1;
+                continue;
+            }
+            let snd_appended = m.snd_appended;
+            let conn = Conn::new(tcb, s, r);
+            let deadline = conn.next_deadline();
+            let l = &mut self.local[i as usize];
+            *l = Local::default();
+            l.queued_end = snd_appended;
+            if conn.state() != State::Closed {
+                self.conn_index.insert(key, i);
+                l.indexed = true;
+            }
+            if let Some(d) = deadline {
+                l.scheduled = d;
+                self.timers.push(Reverse((d, i)));
+            }
+            used[i as usize] = true;
+            conns += 1;
+            self.mark(i);
+        }
+        self.free_conns = (0..geo.conns)
+            .rev()
+            .filter(|&i| !used[i as usize])
+            .collect();
+        let mut listeners = 0;
+        let mut free = Vec::new();
+        for i in (0..geo.listeners).rev() {
+            let Some(l) = self.state.listen_mut(i) else {
+                continue;
+            };
+            if l.meta.used == 1 {
+                let port = l.listener.local_port;
+                if port != 0 && !self.listen_index.contains_key(&port) {
+                    self.listen_index.insert(port, i);
+                    listeners += 1;
+                    continue;
+                }
+                l.meta.used = 0;
+                l.meta.gen = l.meta.gen.wrapping_add(1);
+                bad += 1;
+            }
+            free.push(i);
+        }
+        self.free_listeners = free;
+        self.state.checkpoint();
+        (conns, listeners, bad)
     }
 
     fn count(&self, c: Ctr) {
@@ -566,12 +752,24 @@ impl TcpServer {
         let server_bell = link.server_bell()?;
         let app_bell = link.app_bell()?;
         let ServerBuffers {
-            rx_free,
+            mut rx_free,
+            held_rx,
             tx_returns,
             tx_retakes,
-            ..
         } = link.server_buffers(TCP)?;
+        let replay_left = link.requests()?.in_flight()?.len();
+        let (tx_returns, recovered) =
+            self.recover_app_buffers(app, &link, &mut rx_free, &held_rx, tx_returns);
         info!(app, pid, rx_free = rx_free.len(), "application attached");
+        if recovered.conns > 0 {
+            info!(
+                app,
+                conns = recovered.conns,
+                republished = recovered.republished,
+                requeued_sends = recovered.requeued,
+                "recovered the application's connections"
+            );
+        }
         self.apps.insert(
             app,
             AppConn {
@@ -588,9 +786,148 @@ impl TcpServer {
                 broken: None,
                 uncommitted: 0,
                 starved: Vec::new(),
+                replay_left,
             },
         );
         Ok(true)
+    }
+
+    /// The live connection slot `h` names, whoever owns it.
+    fn slot_of(&self, h: u32) -> Option<u32> {
+        let (listener, slot, gen) = split_handle(h)?;
+        let m = self.state.conn_meta(slot);
+        (!listener && m.used == 1 && m.gen & H_GEN_MASK == gen).then_some(slot)
+    }
+
+    /// A restarted server meets an application again (state.rs docs, tags above): RX buffers
+    /// its predecessor filled and never published are published after all; each
+    /// connection's count of bytes out with the application is counted afresh from the
+    /// buffers; TX buffers whose bytes are not all in the send ring are queued again, in
+    /// stream order. Returns the TX buffers to hand back.
+    fn recover_app_buffers(
+        &mut self,
+        app: u32,
+        link: &AppLink,
+        rx_free: &mut FreeList,
+        held_rx: &[u32],
+        tx_held: Vec<Descriptor>,
+    ) -> (Vec<Descriptor>, Recovered) {
+        let mut out = Recovered::default();
+        let slots: Vec<u32> = (0..self.state.conn_hwm())
+            .filter(|&i| {
+                let m = self.state.conn_meta(i);
+                m.used == 1 && (m.app == app || m.app == 0)
+            })
+            .collect();
+        if slots.is_empty() {
+            return (tx_held, out);
+        }
+        let rx = &link.rx_pool;
+        // 1. Filled, never published: the lease has not moved since the fill.
+        let mut again: HashSet<u32> = HashSet::new();
+        let mut redeliver: BTreeMap<u32, Vec<(u64, u32, u32)>> = BTreeMap::new();
+        for &i in held_rx {
+            let Some(t) = read_tag(link, i) else { continue };
+            let Some(slot) = self.slot_of(t.handle) else {
+                continue;
+            };
+            let m = self.state.conn_meta(slot);
+            if m.app == app
+                && t.lease == rx.span(i, 0, 0).lease
+                && t.start + u64::from(t.len) <= m.rcv_popped
+            {
+                again.insert(i);
+                redeliver.entry(slot).or_default().push((t.start, i, t.len));
+            }
+        }
+        if !again.is_empty() {
+            let mut keep = Vec::new();
+            while let Some(i) = rx_free.get() {
+                if !again.contains(&i) {
+                    keep.push(i);
+                }
+            }
+            for i in keep {
+                rx_free.put(i);
+            }
+        }
+        for (slot, mut v) in redeliver {
+            v.sort_unstable();
+            out.republished += v.len();
+            self.local[slot as usize].redeliver = v.into_iter().map(|(_, i, n)| (i, n)).collect();
+        }
+        // 2. Bytes out with the application: every tagged buffer not free in our hands.
+        let mut delivered: HashMap<u32, u64> = HashMap::new();
+        let free: HashSet<u32> = held_rx
+            .iter()
+            .copied()
+            .filter(|i| !again.contains(i))
+            .collect();
+        for i in 0..rx.count() {
+            if free.contains(&i) {
+                continue;
+            }
+            if let Some(t) = read_tag(link, i) {
+                if let Some(slot) = self.slot_of(t.handle) {
+                    *delivered.entry(slot).or_default() += u64::from(t.len);
+                }
+            }
+        }
+        for &slot in &slots {
+            if let Some((m, _, _, _)) = self.state.conn_mut(slot) {
+                if m.app == app {
+                    m.delivered = delivered
+                        .get(&slot)
+                        .copied()
+                        .unwrap_or(0)
+                        .min(u64::from(u32::MAX)) as u32;
+                }
+            }
+        }
+        // 3. SEND buffers taken and not all appended: queue them again.
+        let mut returns = Vec::new();
+        let mut queued: BTreeMap<u32, Vec<(u64, Descriptor)>> = BTreeMap::new();
+        let tx = &link.tx_pool;
+        for d in tx_held {
+            let lease = tx.span(d.index, 0, 0).lease;
+            let found = read_tx_tag(link, d.index).and_then(|t| {
+                let slot = self.slot_of(t.handle)?;
+                let m = self.state.conn_meta(slot);
+                let span = Descriptor {
+                    pool: tx.id(),
+                    lease,
+                    index: d.index,
+                    offset: t.offset,
+                    len: t.len,
+                };
+                let fits = t.offset >= TX_TAG_LEN as u32 && tx.check(&span).is_ok();
+                (t.lease == lease && fits && t.start + u64::from(t.len) > m.snd_appended)
+                    .then_some((slot, t.start, span))
+            });
+            match found {
+                Some((slot, start, span)) => queued.entry(slot).or_default().push((start, span)),
+                None => returns.push(d),
+            }
+        }
+        for (slot, mut v) in queued {
+            v.sort_unstable_by_key(|&(start, _)| start);
+            out.requeued += v.len();
+            let appended = self.state.conn_meta(slot).snd_appended;
+            let l = &mut self.local[slot as usize];
+            l.pending_app = app;
+            for (start, d) in v {
+                l.queued_end = l.queued_end.max(start + u64::from(d.len));
+                l.pending.push_back((d, start));
+            }
+            l.queued_end = l.queued_end.max(appended);
+        }
+        for &slot in &slots {
+            if self.state.conn_meta(slot).app == app {
+                out.conns += 1;
+            }
+            self.mark(slot);
+        }
+        (returns, out)
     }
 
     /// Application `app` went away: its listeners close, its connections are aborted.
@@ -628,14 +965,25 @@ impl TcpServer {
         closed
     }
 
+    /// The supervisor's list of live applications (after re-sending them to a restarted
+    /// server): any other application's sockets, attached or only in the table a
+    /// predecessor left, are closed.
     fn live(&mut self, apps: &[u32]) {
         let keep: HashSet<u32> = apps.iter().copied().collect();
-        let gone: Vec<u32> = self
-            .apps
-            .keys()
-            .copied()
-            .filter(|a| !keep.contains(a))
-            .collect();
+        let mut owners: HashSet<u32> = self.apps.keys().copied().collect();
+        for i in 0..self.state.conn_hwm() {
+            let m = self.state.conn_meta(i);
+            if m.used == 1 && m.app != 0 {
+                owners.insert(m.app);
+            }
+        }
+        for i in 0..self.state.geometry().listeners {
+            let m = self.state.listen_meta(i);
+            if m.used == 1 {
+                owners.insert(m.app);
+            }
+        }
+        let gone: Vec<u32> = owners.into_iter().filter(|a| !keep.contains(a)).collect();
         for a in gone {
             self.detach(a);
         }
@@ -707,7 +1055,7 @@ impl TcpServer {
             c.ends.rx_return.commit(n)?;
             for i in took {
                 if let Some(tag) = read_tag(&c.link, i) {
-                    released.push(tag);
+                    released.push((tag.handle, tag.len));
                 }
                 c.rx_free.put(i);
             }
@@ -765,6 +1113,16 @@ impl TcpServer {
     /// Carries out one request; returns the answer to queue, if any.
     fn request(&mut self, app: u32, req: &AppRequest, now: u64) -> Option<AppEvent> {
         let wants = req.id != 0;
+        let replay = self.apps.get_mut(&app).is_some_and(|c| {
+            let r = c.replay_left > 0;
+            c.replay_left = c.replay_left.saturating_sub(1);
+            r
+        });
+        if replay && req.id != 0 && matches!(req.op, op::LISTEN | op::CONNECT) {
+            if let Some(ev) = self.replayed(app, req) {
+                return Some(ev);
+            }
+        }
         match req.op {
             op::LISTEN => Some(match self.listen(app, req) {
                 Ok(ev) => ev,
@@ -839,6 +1197,39 @@ impl TcpServer {
         }
     }
 
+    /// The answer to a LISTEN or CONNECT a predecessor carried out (its socket carries the
+    /// request id) but did not commit: the same socket again.
+    fn replayed(&mut self, app: u32, req: &AppRequest) -> Option<AppEvent> {
+        if req.op == op::LISTEN {
+            for i in 0..self.state.geometry().listeners {
+                let m = self.state.listen_meta(i);
+                if m.used == 1 && m.app == app && m.req_id == req.id {
+                    let port = self.state.listen_mut(i)?.listener.local_port;
+                    return Some(AppEvent {
+                        socket: listen_handle(i, m.gen),
+                        addr: u32::from(self.cfg.addr),
+                        port,
+                        ..reply(req, Status::Ok)
+                    });
+                }
+            }
+            return None;
+        }
+        for i in 0..self.state.conn_hwm() {
+            let m = self.state.conn_meta(i);
+            if m.used == 1 && m.app == app && m.req_id == req.id && m.parent == 0 {
+                let (_, tcb, _, _) = self.state.conn_mut(i)?;
+                return Some(AppEvent {
+                    socket: conn_handle(i, m.gen),
+                    addr: tcb.local_ip,
+                    port: tcb.local_port,
+                    ..reply(req, Status::Ok)
+                });
+            }
+        }
+        None
+    }
+
     fn local_addr_ok(&self, addr: u32) -> bool {
         addr == 0 || Ipv4Addr::from(addr) == self.cfg.addr
     }
@@ -886,6 +1277,7 @@ impl TcpServer {
             delivered: 0,
             req_id: req.id,
             backlog,
+            ..Meta::default()
         };
         self.listen_index.insert(port, slot);
         debug!(app, port, backlog, "listening");
@@ -980,6 +1372,9 @@ impl TcpServer {
         let Some(c) = self.apps.get_mut(&app) else {
             return;
         };
+        // A SEND met again after a restart: the predecessor took it (and tagged it) but did
+        // not commit the ring slot.
+        let retake = c.tx_retakes.contains(req.desc.index);
         let r = match c
             .link
             .tx_pool
@@ -992,26 +1387,51 @@ impl TcpServer {
                 return;
             }
         };
+        let lease = c.link.tx_pool.span(r.index(), 0, 0).lease;
         let d = Descriptor {
             pool: req.desc.pool,
-            lease: 0,
+            lease,
             index: r.index(),
             offset: r.offset(),
             len: r.len(),
         };
-        match slot {
-            Some(slot) => {
-                let l = &mut self.local[slot as usize];
-                l.pending.push_back((d, 0));
-                l.pending_app = app;
-                self.mark(slot);
-            }
+        // The payload must leave the tag's room at the start of the buffer alone.
+        let slot = slot.filter(|_| d.offset >= TX_TAG_LEN as u32);
+        let Some(slot) = slot else {
+            // A dead or foreign handle: the bytes go nowhere, the buffer goes back.
+            c.tx_returns.push(c.link.tx_pool.descriptor(r.index(), 0));
+            self.count(Ctr::DropAppBad);
+            return;
+        };
+        let l = &mut self.local[slot as usize];
+        let earlier = read_tx_tag(&c.link, d.index).filter(|t| {
+            retake
+                && t.lease == lease
+                && t.handle == req.socket
+                && (t.offset, t.len) == (d.offset, d.len)
+        });
+        let start = match earlier {
+            Some(t) => t.start,
             None => {
-                // A dead or foreign handle: the bytes go nowhere, the buffer goes back.
-                c.tx_returns.push(c.link.tx_pool.descriptor(r.index(), 0));
-                self.count(Ctr::DropAppBad);
+                let t = TxTag {
+                    handle: req.socket,
+                    lease,
+                    offset: d.offset,
+                    len: d.len,
+                    start: l.queued_end,
+                };
+                if !write_tx_tag(&c.link, d.index, &t) {
+                    c.tx_returns.push(c.link.tx_pool.descriptor(r.index(), 0));
+                    self.count(Ctr::DropAppBad);
+                    return;
+                }
+                t.start
             }
-        }
+        };
+        l.queued_end = l.queued_end.max(start + u64::from(d.len));
+        l.pending.push_back((d, start));
+        l.pending_app = app;
+        self.mark(slot);
     }
 
     fn close(&mut self, app: u32, h: u32, abort: bool) -> Status {
@@ -1324,6 +1744,9 @@ impl TcpServer {
                         conn.establish(&e, ts_offset, window, now);
                         conn.on_segment(now, repr, payload);
                     }
+                    // The SYN queue entry is gone already: make the connection durable now
+                    // rather than at the end of the batch.
+                    self.state.checkpoint_slot(slot);
                     self.count(Ctr::Accepted);
                     self.mark(slot);
                 }
@@ -1516,53 +1939,71 @@ impl TcpServer {
             self.local[slot as usize].pending.clear();
             return;
         };
-        let Some((_, tcb, s, r)) = self.state.conn_mut(slot) else {
+        let Some((m, tcb, s, r)) = self.state.conn_mut(slot) else {
             return;
         };
         let mut conn = Conn::new(tcb, s, r);
         let pending = &mut self.local[slot as usize].pending;
         let mut accepted = 0u64;
-        while let Some(&mut (d, ref mut done)) = pending.front_mut() {
-            let room = conn.send_capacity() as usize;
-            let left = (d.len - *done) as usize;
-            if room == 0 && left > 0 {
-                break;
-            }
-            let n = left.min(room);
-            if n > 0 {
-                let span = Descriptor {
-                    offset: d.offset + *done,
-                    len: n as u32,
-                    ..d
-                };
-                let got = match c.link.tx_pool.check(&span) {
-                    Ok(br) => c.link.tx_pool.read(&br, &mut self.scratch[..n]),
-                    Err(_) => 0,
-                };
-                match conn.send(&self.scratch[..got]) {
-                    Ok(k) => {
-                        *done += k as u32;
-                        accepted += k as u64;
-                        if k < got {
-                            break;
-                        }
-                    }
-                    Err(_) => {
-                        // The connection cannot take data any more: drop what is queued
-                        // (the application hears of the error as an ERROR event).
-                        *done = d.len;
-                    }
-                }
-                if got < n {
-                    *done = d.len;
-                }
-            }
-            if *done >= d.len {
+        let mut dead = false;
+        while let Some(&(d, start)) = pending.front() {
+            let end = start + u64::from(d.len);
+            if end <= m.snd_appended || dead {
+                // All in the ring (some perhaps by a predecessor), or never to be sent.
                 c.tx_returns.push(c.link.tx_pool.descriptor(d.index, 0));
                 pending.pop_front();
+                continue;
+            }
+            if start > m.snd_appended {
+                // A gap in the stream cannot be filled: nothing after it may go out.
+                warn!(
+                    slot,
+                    start,
+                    appended = m.snd_appended,
+                    "send queue out of order"
+                );
+                dead = true;
+                continue;
+            }
+            let room = conn.send_capacity() as usize;
+            if room == 0 {
+                break;
+            }
+            let from = (m.snd_appended - start) as u32;
+            let n = ((d.len - from) as usize).min(room).min(self.scratch.len());
+            let span = Descriptor {
+                offset: d.offset + from,
+                len: n as u32,
+                ..d
+            };
+            let got = match c.link.tx_pool.check(&span) {
+                Ok(br) => c.link.tx_pool.read(&br, &mut self.scratch[..n]),
+                Err(_) => 0,
+            };
+            if got < n {
+                dead = true;
+                continue;
+            }
+            match conn.send(&self.scratch[..got]) {
+                Ok(k) => {
+                    m.snd_appended += k as u64;
+                    accepted += k as u64;
+                    if k < got {
+                        break;
+                    }
+                }
+                // The connection cannot take data any more: what is queued goes back (the
+                // application hears of the error as an ERROR event).
+                Err(_) => dead = true,
             }
         }
         self.counters[Ctr::AcceptedBytes as usize].add(accepted);
+    }
+
+    /// `Meta::flags` of `slot` with this batch's news applied (see `Local::told_set`).
+    fn flags_of(&self, slot: u32) -> u32 {
+        let l = &self.local[slot as usize];
+        (self.state.conn_meta(slot).flags | l.told_set) & !l.told_clear
     }
 
     /// Hands ACCEPTED for an established child of a listener to the application.
@@ -1588,7 +2029,6 @@ impl TcpServer {
         let Some((m, tcb, _, _)) = self.state.conn_mut(slot) else {
             return false;
         };
-        m.flags &= !meta::ACCEPT_PENDING;
         c.events.push(AppEvent {
             kind: event::ACCEPTED,
             socket: m.parent,
@@ -1597,31 +2037,46 @@ impl TcpServer {
             port: tcb.remote_port,
             ..AppEvent::default()
         });
-        if let Some(l) = self.state.listen_mut(lslot) {
-            l.listener.accepted();
-        }
+        tell(
+            &mut self.told,
+            &mut self.local[slot as usize],
+            slot,
+            0,
+            meta::ACCEPT_PENDING,
+        );
         true
     }
 
     fn tell_app(&mut self, slot: u32, app: u32, handle: u32) {
-        if self.state.conn_meta(slot).flags & meta::ACCEPT_PENDING != 0
+        if self.flags_of(slot) & meta::ACCEPT_PENDING != 0
             && !self.announce_accept(slot, app, handle)
         {
             return;
         }
         let cap = self.state.geometry().rcvbuf;
-        let Some(c) = self.apps.get_mut(&app) else {
+        let TcpServer {
+            apps,
+            state,
+            local,
+            told,
+            counters,
+            scratch,
+            ..
+        } = self;
+        let Some(c) = apps.get_mut(&app) else {
             return;
         };
-        let Some((m, tcb, s, r)) = self.state.conn_mut(slot) else {
+        let Some((m, tcb, s, r)) = state.conn_mut(slot) else {
             return;
         };
-        if m.flags & meta::ACCEPT_PENDING != 0 {
+        let l = &mut local[slot as usize];
+        let flags = |m: &Meta, l: &Local| (m.flags | l.told_set) & !l.told_clear;
+        if flags(m, l) & meta::ACCEPT_PENDING != 0 {
             return;
         }
         let mut conn = Conn::new(tcb, s, r);
         let st = conn.state();
-        if m.flags & meta::CONNECT_PENDING != 0 {
+        if flags(m, l) & meta::CONNECT_PENDING != 0 {
             if st.is_synchronized() {
                 if c.event_room() == 0 {
                     if !c.starved.contains(&slot) {
@@ -1629,7 +2084,6 @@ impl TcpServer {
                     }
                     return;
                 }
-                m.flags &= !meta::CONNECT_PENDING;
                 c.events.push(AppEvent {
                     kind: event::CONNECTED,
                     socket: handle,
@@ -1637,14 +2091,28 @@ impl TcpServer {
                     port: conn.tcb.local_port,
                     ..AppEvent::default()
                 });
-                self.counters[Ctr::Connected as usize].inc();
+                tell(told, l, slot, 0, meta::CONNECT_PENDING);
+                counters[Ctr::Connected as usize].inc();
             } else if st != State::Closed {
                 return;
             }
         }
+        // Buffers a crashed predecessor filled and never published go first.
+        while let Some(&(i, n)) = l.redeliver.first() {
+            if c.event_room() == 0 {
+                break;
+            }
+            c.events.push(AppEvent {
+                kind: event::DATA,
+                socket: handle,
+                desc: c.link.rx_pool.span(i, APP_HEADROOM, n),
+                ..AppEvent::default()
+            });
+            l.redeliver.remove(0);
+        }
         // DATA, as long as the allowance, the RX pool and the events ring permit.
         let mut delivered = 0u64;
-        while conn.recv_queue() > 0 && m.delivered < cap {
+        while l.redeliver.is_empty() && conn.recv_queue() > 0 && m.delivered < cap {
             if c.event_room() == 0 {
                 break;
             }
@@ -1652,59 +2120,70 @@ impl TcpServer {
             let want = (conn.recv_queue() as usize)
                 .min(DATA_MAX)
                 .min((cap - m.delivered) as usize);
-            let n = conn.recv(&mut self.scratch[..want]).unwrap_or(0);
-            if n == 0 {
-                c.rx_free.put(i);
-                break;
-            }
-            let pool = &c.link.rx_pool;
-            let mut tag = [0u8; 12];
-            tag[..4].copy_from_slice(&(n as u32).to_le_bytes());
-            tag[4..8].copy_from_slice(&TAG_MAGIC.to_le_bytes());
-            tag[8..].copy_from_slice(&handle.to_le_bytes());
-            if pool.write(i, TAG_AT - 4, &tag).is_err()
-                || pool.write(i, APP_HEADROOM, &self.scratch[..n]).is_err()
+            let tag = RxTag {
+                handle,
+                len: want as u32,
+                lease: c.link.rx_pool.span(i, 0, 0).lease,
+                start: m.rcv_popped,
+            };
+            // Copy before taking the bytes out of the ring, so a failed write loses nothing.
+            let n = conn.peek(&mut scratch[..want]);
+            if n == 0
+                || !write_tag(
+                    &c.link,
+                    i,
+                    &RxTag {
+                        len: n as u32,
+                        ..tag
+                    },
+                )
+                || c.link
+                    .rx_pool
+                    .write(i, APP_HEADROOM, &scratch[..n])
+                    .is_err()
             {
                 c.rx_free.put(i);
                 break;
             }
+            conn.consume(n);
+            m.rcv_popped += n as u64;
             m.delivered += n as u32;
             delivered += n as u64;
             c.events.push(AppEvent {
                 kind: event::DATA,
                 socket: handle,
-                desc: pool.span(i, APP_HEADROOM, n as u32),
+                desc: c.link.rx_pool.span(i, APP_HEADROOM, n as u32),
                 ..AppEvent::default()
             });
         }
-        self.counters[Ctr::DeliveredBytes as usize].add(delivered);
-        if conn.recv_queue() > 0 && m.delivered < cap && !c.starved.contains(&slot) {
+        counters[Ctr::DeliveredBytes as usize].add(delivered);
+        let backlog = !l.redeliver.is_empty() || conn.recv_queue() > 0;
+        if backlog && m.delivered < cap && !c.starved.contains(&slot) {
             c.starved.push(slot);
         }
         // EOF once every byte before the FIN is out.
         if conn.tcb.has(flag::FIN_RCVD)
-            && conn.recv_queue() == 0
-            && m.flags & meta::EOF_SENT == 0
+            && !backlog
+            && flags(m, l) & meta::EOF_SENT == 0
             && c.event_room() > 0
         {
-            m.flags |= meta::EOF_SENT;
+            tell(told, l, slot, meta::EOF_SENT, 0);
             c.events.push(AppEvent {
                 kind: event::EOF,
                 socket: handle,
                 ..AppEvent::default()
             });
         }
-        let news = (conn.tcb.has(flag::FIN_RCVD) && m.flags & meta::EOF_SENT == 0)
-            || (conn.error().is_some() && m.flags & meta::ERROR_SENT == 0);
+        let news = (conn.tcb.has(flag::FIN_RCVD) && flags(m, l) & meta::EOF_SENT == 0)
+            || (conn.error().is_some() && flags(m, l) & meta::ERROR_SENT == 0);
         if news && c.event_room() == 0 && !c.starved.contains(&slot) {
             c.starved.push(slot);
         }
         if let Some(e) = conn.error() {
-            if m.flags & meta::ERROR_SENT == 0 && conn.recv_queue() == 0 && c.event_room() > 0 {
-                m.flags |= meta::ERROR_SENT;
-                m.flags &= !meta::CONNECT_PENDING;
+            if flags(m, l) & meta::ERROR_SENT == 0 && !backlog && c.event_room() > 0 {
+                tell(told, l, slot, meta::ERROR_SENT, meta::CONNECT_PENDING);
                 let st = error_status(Some(e));
-                self.counters[match st {
+                counters[match st {
                     Status::TimedOut => Ctr::TimedOut,
                     _ => Ctr::Resets,
                 } as usize]
@@ -1717,6 +2196,36 @@ impl TcpServer {
                 });
                 // Queued SEND buffers go back (below): their bytes will not be sent.
             }
+        }
+    }
+
+    /// After the publish: this batch's news is in the applications' hands, so the flags
+    /// that say so go into the next checkpoint.
+    fn settle_told(&mut self) {
+        for slot in std::mem::take(&mut self.told) {
+            let Some(l) = self.local.get_mut(slot as usize) else {
+                continue;
+            };
+            let (set, clear) = (l.told_set, l.told_clear);
+            l.told_set = 0;
+            l.told_clear = 0;
+            let mut parent = None;
+            if let Some((m, _, _, _)) = self.state.conn_mut(slot) {
+                if m.used == 1 {
+                    if clear & m.flags & meta::ACCEPT_PENDING != 0 {
+                        parent = Some(m.parent);
+                    }
+                    m.flags = (m.flags | set) & !clear;
+                }
+            }
+            if let Some((true, lslot, lgen)) = parent.and_then(split_handle) {
+                if let Some(ls) = self.state.listen_mut(lslot) {
+                    if ls.meta.used == 1 && ls.meta.gen & H_GEN_MASK == lgen {
+                        ls.listener.accepted();
+                    }
+                }
+            }
+            self.mark(slot);
         }
     }
 
@@ -1888,7 +2397,11 @@ impl Server for TcpServer {
                 work += 1;
             }
         }
+        // Nothing leaves before the state it reflects is checkpointed (state.rs docs): a
+        // crash after this line loses only output, which TCP and the replays cover.
+        self.state.checkpoint();
         self.publish()?;
+        self.settle_told();
         self.sync_gauges();
         Ok(Progress(work))
     }

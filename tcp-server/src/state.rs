@@ -7,11 +7,23 @@
 //! |---|---|
 //! | `HEADER_SIZE` | table header: magic, version, capacities, buffer sizes, section offsets |
 //! | `listen_off` | `listeners` x [`ListenSlot`]: [`Meta`], [`Listener`], its [`SynQueue`] |
-//! | `conns_off` | `conns` x [`ConnSlot`]: [`Meta`], [`Tcb`] (padded to [`CONN_SLOT`]) |
+//! | `conns_off` | `conns` x [`ConnSlot`]: [`Meta`], [`Tcb`], two checkpoints (padded to [`CONN_SLOT`]) |
 //! | `rings_off` | `conns` x (`sndbuf` + `rcvbuf`) bytes: each connection's send and receive rings |
 //!
 //! The ring memory is reserved, not touched: a memfd page costs memory only once written,
 //! so an idle connection costs its slot page and the ring pages its data touched.
+//!
+//! # Checkpoints (restartable at any instruction, DESIGN rule 2)
+//!
+//! The server works on each slot's [`Meta`] and [`Tcb`] in place. A `kill -9` in the middle of
+//! a batch could leave them torn, so at the end of every batch, before anything leaves the
+//! server, [`TcpState::checkpoint`] copies every slot the batch touched into the older of the
+//! slot's two [`Ckpt`] copies: its sequence number is zeroed first, the body copied, and the
+//! number set last, so a copy cut short by a crash is invalid and the other one stands. A
+//! fresh server restores each slot from its newest valid copy ([`TcpState::restore_conn`]).
+//! The ring bytes are not copied: a restored receive ring only lacks bytes the peer will
+//! retransmit (nothing was acknowledged after the checkpoint), and send-ring bytes that a
+//! later batch overwrote were acknowledged by the peer already.
 
 use std::mem::size_of;
 use std::sync::atomic::Ordering;
@@ -22,14 +34,14 @@ use crate::listen::{Listener, SynQueue};
 use crate::tcb::{RingGeom, Tcb};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"KNTCPST1");
-/// Layout version.
-pub const VERSION: u32 = 1;
+/// Layout version (2: 48-byte [`Meta`], checkpoints, secrets in the header).
+pub const VERSION: u32 = 2;
 /// Slots of each listener's SYN queue table (half of them usable, see [`SynQueue`]).
 pub const SYNQ_SLOTS: usize = 512;
 /// The SYN queue type stored in a [`ListenSlot`].
 pub type StateSynQueue = SynQueue<SYNQ_SLOTS>;
 /// Bytes per connection slot.
-pub const CONN_SLOT: usize = 1024;
+pub const CONN_SLOT: usize = 2048;
 /// Most connections a table may have.
 pub const MAX_CONNS: u32 = 1 << 20;
 /// Most listeners a table may have.
@@ -46,9 +58,18 @@ const H_SNDBUF: usize = 20;
 const H_RCVBUF: usize = 24;
 const H_CONN_SLOT: usize = 28;
 const H_LISTEN_SLOT: usize = 32;
+/// The timestamp offset of connections made by listeners (kept across restarts).
+const H_TS_OFFSET: usize = 36;
+/// One past the highest connection slot ever used: a restart scans no further.
+const H_HWM: usize = 40;
+/// 1 once the secret and the timestamp offset are set.
+const H_SEEDED: usize = 44;
+/// The RFC 6528 ISN and SYN-cookie secret (16 bytes): kept across restarts, so sequence
+/// spaces and outstanding cookies stay valid.
+const H_SECRET: usize = 48;
 const HEADER_LEN: usize = 64;
 
-/// Slot header, the same for listeners and connections: 32 bytes.
+/// Slot header, the same for listeners and connections: 48 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -68,6 +89,11 @@ pub struct Meta {
     pub req_id: u32,
     /// Backlog (listeners).
     pub backlog: u32,
+    /// Stream offset of the next byte into the send ring: bytes of SEND buffers appended so
+    /// far (a restarted server skips what its predecessor appended).
+    pub snd_appended: u64,
+    /// Stream offset of the next received byte to hand to the application (DATA).
+    pub rcv_popped: u64,
 }
 
 /// [`Meta::flags`] bits.
@@ -101,16 +127,26 @@ pub struct ListenSlot {
     pub synq: StateSynQueue,
 }
 
-/// One connection.
+/// A checkpoint of a connection slot: valid when `seq` is not 0.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ckpt {
+    pub seq: u64,
+    pub meta: Meta,
+    pub tcb: Tcb,
+}
+
+/// One connection: the working copy and two checkpoints (module docs).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ConnSlot {
     pub meta: Meta,
     pub tcb: Tcb,
+    pub ck: [Ckpt; 2],
 }
 
 const _: () = assert!(size_of::<ConnSlot>() <= CONN_SLOT);
-const _: () = assert!(size_of::<Meta>() == 32);
+const _: () = assert!(size_of::<Meta>() == 48);
 
 /// Why the table could not be made or opened.
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +217,10 @@ impl Geometry {
 pub struct TcpState {
     region: Region,
     geo: Geometry,
+    /// Connection slots handed out by [`TcpState::conn_mut`] since the last checkpoint.
+    touched: Vec<u32>,
+    touched_bits: Vec<u64>,
+    hwm: u32,
 }
 
 fn word(region: &Region, at: usize) -> Result<u32, RegionError> {
@@ -210,7 +250,17 @@ impl TcpState {
         region
             .atomic_u64(h + H_MAGIC)?
             .store(MAGIC, Ordering::Release);
-        Ok(TcpState { region, geo })
+        Ok(TcpState::with(region, geo, 0))
+    }
+
+    fn with(region: Region, geo: Geometry, hwm: u32) -> TcpState {
+        TcpState {
+            region,
+            touched: Vec::new(),
+            touched_bits: vec![0; (geo.conns as usize).div_ceil(64)],
+            hwm: hwm.min(geo.conns),
+            geo,
+        }
     }
 
     /// Opens a table made by [`TcpState::create`], checking its header against the region.
@@ -249,7 +299,125 @@ impl TcpState {
                 need: geo.size(),
             });
         }
-        Ok(TcpState { region, geo })
+        let hwm = word(&region, H_HWM)?;
+        Ok(TcpState::with(region, geo, hwm))
+    }
+
+    /// The secret and timestamp offset a previous server stored, if any.
+    pub fn seeds(&self) -> Option<([u8; 16], u32)> {
+        let h = keepnet_ipc::region::HEADER_SIZE;
+        if word(&self.region, H_SEEDED).ok()? != 1 {
+            return None;
+        }
+        let mut secret = [0u8; 16];
+        self.region.read_bytes(h + H_SECRET, &mut secret).ok()?;
+        Some((secret, word(&self.region, H_TS_OFFSET).ok()?))
+    }
+
+    /// Stores the secret and the timestamp offset for the servers after this one.
+    pub fn set_seeds(&self, secret: &[u8; 16], ts_offset: u32) -> Result<(), RegionError> {
+        let h = keepnet_ipc::region::HEADER_SIZE;
+        self.region.write_bytes(h + H_SECRET, secret)?;
+        self.region
+            .write_bytes(h + H_TS_OFFSET, &ts_offset.to_le_bytes())?;
+        self.region.write_bytes(h + H_SEEDED, &1u32.to_le_bytes())
+    }
+
+    /// One past the highest connection slot ever handed out.
+    pub fn conn_hwm(&self) -> u32 {
+        self.hwm
+    }
+
+    fn touch(&mut self, i: u32) {
+        let (w, b) = ((i / 64) as usize, 1u64 << (i % 64));
+        if let Some(bits) = self.touched_bits.get_mut(w) {
+            if *bits & b == 0 {
+                *bits |= b;
+                self.touched.push(i);
+            }
+        }
+        if i >= self.hwm {
+            self.hwm = i + 1;
+            let h = keepnet_ipc::region::HEADER_SIZE;
+            let _ = self.region.write_bytes(h + H_HWM, &self.hwm.to_le_bytes());
+        }
+    }
+
+    /// Checkpoints every connection slot touched since the last call (module docs); returns
+    /// how many.
+    pub fn checkpoint(&mut self) -> usize {
+        let touched = std::mem::take(&mut self.touched);
+        for &i in &touched {
+            self.checkpoint_slot(i);
+            if let Some(bits) = self.touched_bits.get_mut((i / 64) as usize) {
+                *bits &= !(1u64 << (i % 64));
+            }
+        }
+        let n = touched.len();
+        self.touched = touched;
+        self.touched.clear();
+        n
+    }
+
+    fn ck_at(&self, i: u32, k: usize) -> usize {
+        self.conn_at(i) + std::mem::offset_of!(ConnSlot, ck) + k * size_of::<Ckpt>()
+    }
+
+    /// The sequence numbers of slot `i`'s two checkpoints (0: invalid).
+    fn ck_seqs(&self, i: u32) -> Option<[u64; 2]> {
+        let a = self.region.atomic_u64(self.ck_at(i, 0)).ok()?;
+        let b = self.region.atomic_u64(self.ck_at(i, 1)).ok()?;
+        Some([a.load(Ordering::Acquire), b.load(Ordering::Acquire)])
+    }
+
+    /// Writes slot `i`'s working copy into its older checkpoint.
+    pub fn checkpoint_slot(&mut self, i: u32) {
+        let Some(seqs) = self.ck_seqs(i) else {
+            return;
+        };
+        let k = usize::from(seqs[1] < seqs[0]);
+        let next = seqs[0].max(seqs[1]).wrapping_add(1).max(1);
+        let Ok(seq) = self.region.atomic_u64(self.ck_at(i, k)) else {
+            return;
+        };
+        seq.store(0, Ordering::Release);
+        let mut body = [0u8; size_of::<Meta>() + size_of::<Tcb>()];
+        let at = self.conn_at(i);
+        if self.region.read_bytes(at, &mut body).is_err() {
+            return;
+        }
+        let body_at = self.ck_at(i, k) + std::mem::offset_of!(Ckpt, meta);
+        const _: () = assert!(
+            std::mem::offset_of!(Ckpt, tcb) - std::mem::offset_of!(Ckpt, meta) == size_of::<Meta>()
+        );
+        const _: () = assert!(std::mem::offset_of!(ConnSlot, tcb) == size_of::<Meta>());
+        if self.region.write_bytes(body_at, &body).is_err() {
+            return;
+        }
+        seq.store(next, Ordering::Release);
+    }
+
+    /// A restarting server: puts slot `i`'s newest valid checkpoint back into its working
+    /// copy and returns its header; a slot never checkpointed is made free (its working copy
+    /// may be a half-made connection of a crashed batch).
+    pub fn restore_conn(&mut self, i: u32) -> Option<Meta> {
+        let seqs = self.ck_seqs(i)?;
+        let at = self.conn_at(i);
+        if seqs == [0, 0] {
+            let mut m = self.read_meta(at);
+            if m.used != 0 {
+                m.used = 0;
+                m.gen = m.gen.wrapping_add(1);
+                let _ = self.region.write_bytes(at, &meta_bytes(&m));
+            }
+            return Some(m);
+        }
+        let k = usize::from(seqs[1] > seqs[0]);
+        let mut body = [0u8; size_of::<Meta>() + size_of::<Tcb>()];
+        let body_at = self.ck_at(i, k) + std::mem::offset_of!(Ckpt, meta);
+        self.region.read_bytes(body_at, &mut body).ok()?;
+        self.region.write_bytes(at, &body).ok()?;
+        Some(self.read_meta(at))
     }
 
     /// The region.
@@ -290,11 +458,12 @@ impl TcpState {
     }
 
     fn read_meta(&self, at: usize) -> Meta {
-        let mut b = [0u8; 32];
+        let mut b = [0u8; 48];
         if self.region.read_bytes(at, &mut b).is_err() {
             return Meta::default();
         }
         let w = |i: usize| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]);
+        let q = |i: usize| u64::from(w(i)) | (u64::from(w(i + 1)) << 32);
         Meta {
             used: w(0),
             gen: w(1),
@@ -304,6 +473,8 @@ impl TcpState {
             delivered: w(5),
             req_id: w(6),
             backlog: w(7),
+            snd_appended: q(8),
+            rcv_popped: q(10),
         }
     }
 
@@ -346,6 +517,7 @@ impl TcpState {
         if i >= self.geo.conns {
             return None;
         }
+        self.touch(i);
         let slot = self
             .region
             .ptr_at(self.conn_at(i), CONN_SLOT, std::mem::align_of::<ConnSlot>())
@@ -395,6 +567,28 @@ impl TcpState {
         // data valid for any bits, borrowed exclusively through `&mut self`.
         unsafe { Some(&mut *(p as *mut ListenSlot)) }
     }
+}
+
+fn meta_bytes(m: &Meta) -> [u8; 48] {
+    let mut b = [0u8; 48];
+    for (k, v) in [
+        m.used,
+        m.gen,
+        m.app,
+        m.flags,
+        m.parent,
+        m.delivered,
+        m.req_id,
+        m.backlog,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b[4 * k..4 * k + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    b[32..40].copy_from_slice(&m.snd_appended.to_le_bytes());
+    b[40..48].copy_from_slice(&m.rcv_popped.to_le_bytes());
+    b
 }
 
 #[cfg(test)]

@@ -345,6 +345,10 @@ fn read_tag(link: &AppLink, index: u32) -> Option<RxTag> {
     })
 }
 
+fn clear_tag(link: &AppLink, index: u32) {
+    let _ = link.rx_pool.write(index, TAG_AT, &[0u8; 4]);
+}
+
 fn write_tag(link: &AppLink, index: u32, t: &RxTag) -> bool {
     let mut b = [0u8; RX_TAG_LEN];
     b[..8].copy_from_slice(&t.start.to_le_bytes());
@@ -455,6 +459,9 @@ struct Local {
     /// and a crash in between makes a successor tell again rather than never).
     told_set: u32,
     told_clear: u32,
+    /// Restored from a predecessor's table and its application not attached again yet: its
+    /// queued SEND buffers are not known, so a close or shutdown waiting for them waits.
+    awaiting_app: bool,
     /// The application whose TX pool those buffers are in (it may have closed the
     /// connection since: its bytes still go out before the FIN).
     pending_app: u32,
@@ -663,6 +670,7 @@ impl TcpServer {
             let l = &mut self.local[i as usize];
             *l = Local::default();
             l.queued_end = snd_appended;
+            l.awaiting_app = true;
             if conn.state() != State::Closed {
                 self.conn_index.insert(key, i);
                 l.indexed = true;
@@ -828,13 +836,20 @@ impl TcpServer {
         let mut redeliver: BTreeMap<u32, Vec<(u64, u32, u32)>> = BTreeMap::new();
         for &i in held_rx {
             let Some(t) = read_tag(link, i) else { continue };
-            let Some(slot) = self.slot_of(t.handle) else {
+            let m = self
+                .slot_of(t.handle)
+                .map(|slot| (slot, self.state.conn_meta(slot)));
+            let unpublished = m.filter(|(_, m)| {
+                m.app == app
+                    && t.lease == rx.span(i, 0, 0).lease
+                    && t.start + u64::from(t.len) <= m.rcv_popped
+            });
+            let Some((slot, _)) = unpublished else {
+                // Free: its tag must never pass for an unpublished fill later (a fill whose
+                // batch never reached its checkpoint keeps the lease it was filled at).
+                clear_tag(link, i);
                 continue;
             };
-            let m = self.state.conn_meta(slot);
-            if m.app == app
-                && t.lease == rx.span(i, 0, 0).lease
-                && t.start + u64::from(t.len) <= m.rcv_popped
             {
                 again.insert(i);
                 redeliver.entry(slot).or_default().push((t.start, i, t.len));
@@ -924,6 +939,7 @@ impl TcpServer {
         for &slot in &slots {
             if self.state.conn_meta(slot).app == app {
                 out.conns += 1;
+                self.local[slot as usize].awaiting_app = false;
             }
             self.mark(slot);
         }
@@ -984,6 +1000,15 @@ impl TcpServer {
             }
         }
         let gone: Vec<u32> = owners.into_iter().filter(|a| !keep.contains(a)).collect();
+        // Every live application is attached again: orphans finishing a close stop waiting.
+        for i in 0..self.state.conn_hwm() {
+            if let Some(l) = self.local.get_mut(i as usize) {
+                if l.awaiting_app {
+                    l.awaiting_app = false;
+                    self.mark(i);
+                }
+            }
+        }
         for a in gone {
             self.detach(a);
         }
@@ -1868,7 +1893,8 @@ impl TcpServer {
         let owner = self.local[slot as usize].pending_app;
         self.fill_send_ring(slot, owner);
         // 2. Deferred close / shutdown once every queued byte is in the ring.
-        if self.local[slot as usize].pending.is_empty() {
+        let l = &self.local[slot as usize];
+        if l.pending.is_empty() && !l.awaiting_app {
             if let Some((m, tcb, s, r)) = self.state.conn_mut(slot) {
                 let mut conn = Conn::new(tcb, s, r);
                 if m.flags & meta::CLOSE_AFTER_DRAIN != 0 {

@@ -123,3 +123,128 @@ fn two_constellations_over_a_lossy_memory_wire_echo_64_mib_intact() {
         "wire losses: a {lost_a}, b {lost_b}"
     );
 }
+
+/// Issue 6 without root: both constellations' servers are killed (`keepnet kill`, SIGKILL)
+/// at seeded random moments while an application on b echoes 96 MiB through a's echo
+/// service. Both ends of the TCP connection live through restarts of their own tcp, ip
+/// and driver servers, and every byte comes back intact and in order.
+#[test]
+fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
+    let _w = Watchdog::arm("kills over the wire", Duration::from_secs(300));
+    let tag = format!("k{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("kn-wire-{tag}"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let a_name = format!("{tag}a");
+    let b_name = format!("{tag}b");
+    // Kills come faster than the default "healthy run" time: do not treat them as a crash loop.
+    let policy = "[servers]\nmin_runtime_ms = 20\nmax_restarts = 1000\nwindow_s = 60\n";
+    let a = Instance::up(
+        &dir,
+        "a",
+        &format!(
+            "instance = \"{a_name}\"\n\
+             services = [{{ name = \"tcp-echo\", args = [\"tcp-echo\", \"--port\", \"7\"] }}]\n\
+             [link]\nbackend = \"wire\"\nwire_side = \"a\"\n\
+             [ip]\naddr = \"198.18.8.1/24\"\nmac = \"02:6b:6e:00:08:01\"\n{policy}"
+        ),
+    );
+    let b = Instance::up(
+        &dir,
+        "b",
+        &format!(
+            "instance = \"{b_name}\"\nservices = []\n\
+             [link]\nbackend = \"wire\"\nwire_side = \"b\"\nwire_peer = \"{a_name}\"\n\
+             [ip]\naddr = \"198.18.8.2/24\"\nmac = \"02:6b:6e:00:08:02\"\n{policy}"
+        ),
+    );
+    let out_path = dir.join("echo.out");
+    let mut app = Command::new(binary("kn-tcp-app"))
+        .args([
+            "echo-client",
+            "198.18.8.1:7",
+            &(96u64 << 20).to_string(),
+            "33",
+        ])
+        .env("KEEPNET_RUN_DIR", &b.run_dir)
+        .env("KEEPNET_INSTANCE", &b_name)
+        .stdout(std::fs::File::create(&out_path).expect("output file"))
+        .spawn()
+        .expect("run kn-tcp-app");
+    let seed = keepnet_tests::harness::seed("connections_over_the_wire_survive_kills");
+    eprintln!("seed {seed}");
+    let mut rng = keepnet_tests::harness::Rng::new(seed);
+    let all = ["driver", "ip", "tcp"];
+    let only = std::env::var("KEEPNET_KILL_ONLY").ok();
+    let servers: Vec<&str> = all
+        .into_iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *s))
+        })
+        .collect();
+    let mut kills = 0;
+    let start = std::time::Instant::now();
+    let end = start + Duration::from_secs(200);
+    let status = loop {
+        if let Some(st) = app.try_wait().expect("wait kn-tcp-app") {
+            break Some(st);
+        }
+        if std::time::Instant::now() > end {
+            let _ = app.kill();
+            let _ = app.wait();
+            break None;
+        }
+        if kills < 24 {
+            std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
+            let side = if rng.below(2) == 0 { &a } else { &b };
+            let server = servers[rng.below(servers.len() as u64) as usize];
+            if side.keepnet(&["kill", server]).status.success() {
+                kills += 1;
+                eprintln!("kill {kills}: {server} at {:?}", start.elapsed());
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let restarts = |i: &Instance| -> u64 {
+        let st = i.keepnet(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        v["servers"]
+            .as_array()
+            .map(|s| s.iter().filter_map(|x| x["restarts"].as_u64()).sum())
+            .unwrap_or(0)
+    };
+    let (ra, rb) = (restarts(&a), restarts(&b));
+    // What the servers said about their exits and recoveries, for a failing run.
+    for (side, name) in [(&a, &a_name), (&b, &b_name)] {
+        for server in ["tcp", "ip", "driver"] {
+            let log = side.run_dir.join(name).join(format!("{server}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for line in text.lines() {
+                if line.contains("WARN")
+                    || line.contains("ERROR")
+                    || line.contains("panicked")
+                    || line.contains("recovered")
+                    || line.contains("DBG")
+                {
+                    eprintln!("{name} {server}: {line}");
+                }
+            }
+        }
+    }
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("kn-tcp-app: {stdout} after {kills} kills (restarts: a {ra}, b {rb})");
+    assert!(
+        status.is_some(),
+        "the echo did not finish in time: {stdout}"
+    );
+    assert!(
+        stdout.starts_with("ok "),
+        "echo through kills failed: {stdout}"
+    );
+    assert!(kills >= 10, "only {kills} kills landed");
+    assert_eq!(ra + rb, kills, "every kill is one restart");
+}

@@ -72,6 +72,37 @@ fn main() {
     }
 }
 
+/// Where in the expected stream the received bytes at `at` really come from (a failing
+/// run's diagnosis: a negative shift is a duplicate, a positive one a hole).
+fn locate(seed: u64, bytes: u64, at: u64, probe: &[u8]) -> String {
+    if probe.len() < 16 {
+        return "too few bytes to locate".into();
+    }
+    let from = at.saturating_sub(8 << 20);
+    let to = (at + (8 << 20)).min(bytes);
+    let mut rng = Rng(seed);
+    let mut stream = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    while pos < to {
+        let n = (bytes - pos).min(CHUNK as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        if pos + n as u64 > from {
+            stream.extend_from_slice(&buf[..n]);
+        }
+        pos += n as u64;
+    }
+    let base = pos - stream.len() as u64;
+    match stream.windows(probe.len()).position(|w| w == probe) {
+        Some(i) => format!(
+            "the bytes there are stream bytes from {} (shift {})",
+            base + i as u64,
+            (base + i as u64) as i64 - at as i64
+        ),
+        None => "the bytes there are nowhere within 8 MiB of it (garbage)".into(),
+    }
+}
+
 fn echo_client(to: SocketAddr, bytes: u64, seed: u64) -> Result<String, String> {
     let start = Instant::now();
     let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))
@@ -119,7 +150,16 @@ fn echo_client(to: SocketAddr, bytes: u64, seed: u64) -> Result<String, String> 
             }
             let k = (n - off).min(want_len - want_at);
             if got[off..off + k] != want[want_at..want_at + k] {
-                return Err(format!("mismatch near byte {}", seen + off as u64));
+                let first = (0..k)
+                    .find(|&i| got[off + i] != want[want_at + i])
+                    .unwrap_or(0);
+                let at = seen + first as u64;
+                let probe = &got[off + first..(off + first + 64).min(n)];
+                return Err(format!(
+                    "mismatch near byte {at} after {:.3}s: {}",
+                    start.elapsed().as_secs_f64(),
+                    locate(seed, bytes, at, probe)
+                ));
             }
             off += k;
             want_at += k;

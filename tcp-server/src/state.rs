@@ -638,6 +638,58 @@ mod tests {
     }
 
     #[test]
+    fn restore_takes_the_newest_whole_checkpoint() {
+        let t = TcpState::create("tcp-state-ck", geo()).unwrap();
+        let mut u = TcpState::open(t.region().reopen(RegionKind::GENERIC).unwrap()).unwrap();
+        // Slot 3: three batches, each checkpointed.
+        for batch in 1..=3u64 {
+            let (m, tcb, _, _) = u.conn_mut(3).unwrap();
+            m.used = 1;
+            m.snd_appended = batch * 1000;
+            tcb.snd_nxt = batch as u32;
+            assert_eq!(u.checkpoint(), 1);
+        }
+        // A fourth batch is cut short by a crash before its checkpoint.
+        let (m, tcb, _, _) = u.conn_mut(3).unwrap();
+        m.snd_appended = 4000;
+        tcb.snd_nxt = 4;
+        // Slot 5 was made in that batch and never checkpointed.
+        u.conn_mut(5).unwrap().0.used = 1;
+        drop(u);
+        let mut v = TcpState::open(t.region().reopen(RegionKind::GENERIC).unwrap()).unwrap();
+        assert_eq!(v.conn_hwm(), 6);
+        let m = v.restore_conn(3).unwrap();
+        assert_eq!((m.used, m.snd_appended), (1, 3000));
+        assert_eq!(v.conn_mut(3).unwrap().1.snd_nxt, 3);
+        let m5 = v.restore_conn(5).unwrap();
+        assert_eq!(
+            (m5.used, m5.gen),
+            (0, 1),
+            "a slot never checkpointed is free"
+        );
+        // A checkpoint torn by a crash (sequence number zeroed, body half written) is
+        // passed over for the older whole one.
+        let seqs = v.ck_seqs(3).unwrap();
+        let newest = usize::from(seqs[1] > seqs[0]);
+        v.region
+            .atomic_u64(v.ck_at(3, newest))
+            .unwrap()
+            .store(0, Ordering::Release);
+        let m = v.restore_conn(3).unwrap();
+        assert_eq!(m.snd_appended, 2000);
+        assert_eq!(v.conn_mut(3).unwrap().1.snd_nxt, 2);
+    }
+
+    #[test]
+    fn seeds_are_kept_for_the_next_server() {
+        let t = TcpState::create("tcp-state-seeds", geo()).unwrap();
+        assert_eq!(t.seeds(), None);
+        t.set_seeds(&[7u8; 16], 12345).unwrap();
+        let u = TcpState::open(t.region().reopen(RegionKind::GENERIC).unwrap()).unwrap();
+        assert_eq!(u.seeds(), Some(([7u8; 16], 12345)));
+    }
+
+    #[test]
     fn bad_geometry_and_foreign_regions_are_refused() {
         let mut g = geo();
         g.sndbuf = 100;

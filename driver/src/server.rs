@@ -52,7 +52,7 @@ use keepnet_server::control::Counter;
 use keepnet_server::wiring::{
     CaptureRecord, DriverEnds, Link, CAPTURE_SNAPLEN, DRIVER, IP, MAX_FRAME, RX_POOL, TX_POOL,
 };
-use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, BootError, ControlBlock, Progress, Scribbler, Server, ServerError};
 use tracing::{info, warn};
 
 use crate::config::DriverConfig;
@@ -531,6 +531,11 @@ impl Server for Driver {
 
     fn wait_fd(&self) -> Option<RawFd> {
         self.backend.wait_fd()
+    }
+
+    fn scribble(&mut self, garbage: &mut Scribbler) -> usize {
+        garbage.fill(&mut self.ends.rx, Scribbler::descriptor)
+            + garbage.fill(&mut self.ends.tx_return, Scribbler::descriptor)
     }
 }
 

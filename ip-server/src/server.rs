@@ -44,7 +44,7 @@ use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{
     DatagramSlot, IpEnds, Link, TransportLink, DRIVER, IP, RX_POOL, TCP, UDP,
 };
-use keepnet_server::{Boot, BootError, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, BootError, ControlBlock, Progress, Scribbler, Server, ServerError};
 use tracing::{info, warn};
 
 use crate::transport::{send_slot_ok, Port, PortCounters, RingTransport};
@@ -391,6 +391,17 @@ impl Server for IpServer {
             || !self.rx_backlog.is_empty()
             || self.ports.iter().any(|p| p.borrow_mut().has_work())
             || self.stack.next_deadline().is_some_and(|d| d <= now())
+    }
+
+    fn scribble(&mut self, garbage: &mut Scribbler) -> usize {
+        let mut n = garbage.fill(&mut self.ends.tx, Scribbler::descriptor);
+        n += garbage.fill(&mut self.ends.rx_return, Scribbler::descriptor);
+        for p in &self.ports {
+            let mut p = p.borrow_mut();
+            n += garbage.fill(&mut p.ends.deliver, Scribbler::datagram);
+            n += garbage.fill(&mut p.ends.send_return, Scribbler::descriptor);
+        }
+        n
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {

@@ -78,13 +78,18 @@ pub enum Command {
     /// Read what the supervisor queued on the server's hotplug socket (fd `hotplug`): an
     /// application attached or went away. Reply value: messages handled.
     Hotplug,
+    /// Fault injection (`keepnet kill SERVER --scribble`): write garbage into the rings the
+    /// server produces on, then abort. The message's `value` is the pid it is meant for; any
+    /// other instance (a successor reading a stale command) ignores it. No reply.
+    Scribble,
 }
 
 /// A slot on the command and reply rings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlMsg {
-    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop, 6 Hotplug; replies: 100 Ok, 101 Err.
+    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop, 6 Hotplug, 7 Scribble; replies:
+    /// 100 Ok, 101 Err.
     pub kind: u32,
     /// The request id a reply answers.
     pub seq: u32,
@@ -112,6 +117,7 @@ impl ControlMsg {
             Command::Resume => 4,
             Command::Stop => 5,
             Command::Hotplug => 6,
+            Command::Scribble => 7,
         };
         ControlMsg {
             kind,
@@ -129,6 +135,7 @@ impl ControlMsg {
             4 => Command::Resume,
             5 => Command::Stop,
             6 => Command::Hotplug,
+            7 => Command::Scribble,
             _ => return None,
         })
     }

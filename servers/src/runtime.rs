@@ -86,6 +86,98 @@ pub trait Server {
     fn restore(&mut self, _snapshot: &[u8]) -> Result<(), ServerError> {
         Ok(())
     }
+
+    /// Fault injection (`keepnet kill SERVER --scribble`): publish garbage on every ring the
+    /// server produces on (use [`Scribbler::fill`]); the runtime aborts the process right
+    /// after. Returns how many slots were scribbled. Default: none (the server just aborts).
+    fn scribble(&mut self, _garbage: &mut Scribbler) -> usize {
+        0
+    }
+}
+
+/// Garbage for [`Server::scribble`]: seeded from the clock and the pid, half of it random
+/// bits, half of it plausible (small pool numbers and indices, lengths near real ones), so
+/// consumers' validation is tried on both.
+#[derive(Debug)]
+pub struct Scribbler(u64);
+
+impl Scribbler {
+    /// Slots scribbled per ring at most.
+    pub const PER_RING: usize = 64;
+
+    /// A generator seeded from the clock and the pid.
+    pub fn new() -> Scribbler {
+        Scribbler((monotonic_ns() ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    /// The next random value (xorshift64*).
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A garbage buffer descriptor.
+    pub fn descriptor(&mut self) -> keepnet_ipc::Descriptor {
+        let (a, b) = (self.next_u64(), self.next_u64());
+        if a & 1 == 0 {
+            keepnet_ipc::Descriptor {
+                pool: a as u16,
+                lease: (a >> 16) as u16,
+                index: (a >> 32) as u32,
+                offset: b as u32,
+                len: (b >> 32) as u32,
+            }
+        } else {
+            keepnet_ipc::Descriptor {
+                pool: (a >> 8) as u16 % 6,
+                lease: (a >> 16) as u16,
+                index: (a >> 32) as u32 % 4096,
+                offset: b as u32 % 20_000,
+                len: (b >> 32) as u32 % 20_000,
+            }
+        }
+    }
+
+    /// A garbage datagram slot.
+    pub fn datagram(&mut self) -> crate::wiring::DatagramSlot {
+        let (a, b) = (self.next_u64(), self.next_u64());
+        crate::wiring::DatagramSlot {
+            desc: self.descriptor(),
+            src: a as u32,
+            dst: (a >> 32) as u32,
+            protocol: b as u8,
+            ttl: (b >> 8) as u8,
+            kind: (b >> 16) as u8 % 4,
+            icmp_type: (b >> 24) as u8,
+            icmp_code: (b >> 32) as u8,
+            broadcast: (b >> 40) as u8,
+            _pad: [(b >> 48) as u8, (b >> 56) as u8],
+            icmp_rest: a.rotate_left(7) as u32,
+            header_len: (a >> 40) as u32 % 128,
+        }
+    }
+
+    /// Fills up to [`Scribbler::PER_RING`] free slots of `ring` with `make`'s garbage and
+    /// publishes them; returns how many.
+    pub fn fill<T: keepnet_ipc::Pod>(
+        &mut self,
+        ring: &mut keepnet_ipc::Producer<T>,
+        mut make: impl FnMut(&mut Scribbler) -> T,
+    ) -> usize {
+        let n = ring.free_slots().unwrap_or(0).min(Self::PER_RING);
+        let items: Vec<T> = (0..n).map(|_| make(self)).collect();
+        ring.push_slice(&items).unwrap_or(0)
+    }
+}
+
+impl Default for Scribbler {
+    fn default() -> Self {
+        Scribbler::new()
+    }
 }
 
 /// How the loop runs.
@@ -199,6 +291,21 @@ pub fn run<S: Server>(
                         (false, 4)
                     }
                 },
+                Command::Scribble => {
+                    if msg.value != u64::from(std::process::id()) {
+                        warn!(
+                            meant_for = msg.value,
+                            "scribble order for another instance ignored"
+                        );
+                        continue;
+                    }
+                    let n = server.scribble(&mut Scribbler::new());
+                    error!(
+                        slots = n,
+                        "fault injection: scribbled garbage on my rings; aborting as ordered"
+                    );
+                    std::process::abort();
+                }
                 Command::Stop => {
                     reply(&mut replies, msg.seq, true, 0);
                     control.set_state(ServerState::Stopped);

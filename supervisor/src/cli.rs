@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::ipc::peer::PeerArgs;
 use crate::bench::probe::ProbeArgs;
+use crate::bench::recovery::RecoveryArgs;
 use crate::bench::tcp::TcpArgs;
 use crate::bench::tcp_probe::TcpProbeArgs;
 use crate::bench::tcp_server::TcpServerArgs;
@@ -21,11 +22,28 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Start a constellation (driver and ip servers); exits 0 once every server is ready.
+    /// Start a constellation (driver, ip, udp and tcp servers, then the services); exits 0
+    /// once every server and service is ready.
+    ///
+    /// The supervisor then watches each server: an exit is seen at once (pidfd), a hang when
+    /// its heartbeat stops for two periods (`heartbeat_ms`, default 100); either way the
+    /// server is restarted on the same shared memory, at once after a healthy run, with
+    /// exponential backoff in a crash loop, and at most `max_restarts` times in `window_s`
+    /// (then `on_limit`: "stop" leaves it failed, "restart-all" restarts every server). See
+    /// the README for the `[servers]` fields. Needs root for a TAP link, not for the memory
+    /// wire (`link.backend = "wire"`).
     Up(UpArgs),
-    /// Show each server: pid, core, state, generation, restarts, version, uptime, packets,
-    /// drops by reason.
+    /// Show each server: pid, core, state (starting, running, backoff, failed, ...),
+    /// generation, restarts, last exit, last recovery time, version, uptime, packets, drops
+    /// by reason.
     Status(StatusArgs),
+    /// Fault injection: signal one server (default KILL) through the supervisor, which
+    /// records the instant and restarts the server per its policy.
+    ///
+    /// Prints e.g. "killed tcp (pid 1234) with SIGKILL"; `keepnet status` then shows the
+    /// restart, the last exit and the recovery time (from this kill to the new instance
+    /// running). Needs root or the supervisor's user.
+    Kill(KillArgs),
     /// Stop everything; release shared memory, the TAP device and a namespace `up` made.
     Down(ConfigArg),
     /// Mirror every frame at the driver into a pcap file (tcpdump -r reads it).
@@ -110,6 +128,15 @@ pub enum BenchTarget {
     /// needs a keepnet built with the cargo feature smoltcp-bench. Progress goes to stderr;
     /// every measurement is bounded by --timeout-s.
     Tcp(TcpArgs),
+    /// Recovery time of each server after `keepnet kill` (SIGKILL; p50, p99, max beside the
+    /// 10 ms target, from status), connections lost, and the throughput dip of a TCP download
+    /// from the Linux kernel around each kill (bytes per 10 ms, 100 ms before vs after);
+    /// needs root.
+    ///
+    /// Each server in turn (driver, ip, udp, tcp) is killed --kills times during HTTP
+    /// downloads whose every byte is checked; progress goes to stderr; the run is bounded by
+    /// --timeout-s.
+    Recovery(RecoveryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +187,24 @@ pub struct StatusArgs {
     /// One JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KillArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The server: driver, ip, udp or tcp.
+    #[arg(value_name = "SERVER")]
+    pub server: String,
+    /// Signal to send: a name (KILL, SIGKILL, TERM, STOP, SEGV, ABRT, ...) or a number.
+    /// STOP makes a hang, which the heartbeat catches.
+    #[arg(long, value_name = "SIG")]
+    pub signal: Option<String>,
+    /// Instead of a signal: the server writes garbage into the slots of every ring it
+    /// produces on, publishes them, and aborts (its neighbours must drop the garbage and
+    /// carry on). Implemented by the driver, ip and udp servers; others just abort.
+    #[arg(long, conflicts_with = "signal")]
+    pub scribble: bool,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +21,7 @@ pub enum ConfigError {
     #[error("config {path}: {field}: {message}")]
     Invalid {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
@@ -238,14 +239,87 @@ pub struct PlacementConfig {
     pub park_timeout_ms: u64,
 }
 
-/// Per-server settings.
+/// Per-server settings. The watching and restart fields set here (`[servers]`) are the
+/// defaults of every server; the same field in `[servers.NAME]` overrides it for one server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServersConfig {
+    /// "permanent" (default: restart after every exit) or "transient" (restart only after an
+    /// abnormal exit: a signal or a non-zero exit code).
+    pub restart: Option<RestartPolicy>,
+    /// Heartbeat period P in ms (default 100, at least `placement.park_timeout_ms`): a server
+    /// whose heartbeat has not moved for 2P is hung; it is killed and restarted.
+    pub heartbeat_ms: Option<u64>,
+    /// A run shorter than this (ms, default 1000) counts as a failed start: consecutive
+    /// failed starts back off.
+    pub min_runtime_ms: Option<u64>,
+    /// Wait before the second consecutive failed start (ms, default 50); doubled per further
+    /// failed start. The first restart after a healthy run is immediate.
+    pub backoff_initial_ms: Option<u64>,
+    /// Longest wait between restarts (ms, default 5000).
+    pub backoff_max_ms: Option<u64>,
+    /// Restart intensity: at most this many restarts (default 10) ...
+    pub max_restarts: Option<u32>,
+    /// ... within this many seconds (default 60).
+    pub window_s: Option<u64>,
+    /// What happens past the limit: "stop" (default: the server stays down, state "failed")
+    /// or "restart-all" (every server is restarted in order driver, ip, udp, tcp, on the same
+    /// shared regions; once per window, after that "stop").
+    pub on_limit: Option<OnLimit>,
     pub driver: ServerConfig,
     pub ip: ServerConfig,
     pub udp: ServerConfig,
     pub tcp: ServerConfig,
+}
+
+/// When a server that exited is started again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// After every exit.
+    #[default]
+    Permanent,
+    /// Only after an abnormal exit (killed by a signal, or an exit code other than 0).
+    Transient,
+}
+
+/// What the supervisor does when a server restarts more often than its intensity allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLimit {
+    /// Leave that server down (state "failed"); the others carry on.
+    #[default]
+    Stop,
+    /// Restart every server, in order, on the same regions.
+    RestartAll,
+}
+
+/// The watching and restart settings of one server, defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Supervision {
+    pub restart: RestartPolicy,
+    pub heartbeat: Duration,
+    pub min_runtime: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub max_restarts: u32,
+    pub window: Duration,
+    pub on_limit: OnLimit,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            restart: RestartPolicy::Permanent,
+            heartbeat: Duration::from_millis(100),
+            min_runtime: Duration::from_millis(1000),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(5000),
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+            on_limit: OnLimit::Stop,
+        }
+    }
 }
 
 /// `[tcp]`: the tcp server's state table (shared memory made by the supervisor) and
@@ -293,6 +367,15 @@ pub struct ServerConfig {
     pub core: Option<usize>,
     /// Log filter for this server (`info`, `debug`, ...).
     pub log: Option<String>,
+    /// Overrides of the `[servers]` watching and restart defaults (see [`ServersConfig`]).
+    pub restart: Option<RestartPolicy>,
+    pub heartbeat_ms: Option<u64>,
+    pub min_runtime_ms: Option<u64>,
+    pub backoff_initial_ms: Option<u64>,
+    pub backoff_max_ms: Option<u64>,
+    pub max_restarts: Option<u32>,
+    pub window_s: Option<u64>,
+    pub on_limit: Option<OnLimit>,
 }
 
 impl Default for Config {
@@ -374,9 +457,9 @@ impl Config {
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |field, message: String| ConfigError::Invalid {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
             path: path.into(),
-            field,
+            field: field.to_string(),
             message,
         };
         if self.instance.is_empty()
@@ -493,6 +576,7 @@ impl Config {
                 ),
             ));
         }
+        self.check_supervision(path)?;
         let mut names = std::collections::BTreeSet::new();
         for (i, svc) in self.services.iter().enumerate() {
             let ok = !svc.name.is_empty()
@@ -515,6 +599,131 @@ impl Config {
                 return Err(bad(
                     "services.name",
                     format!("two services are named {:?}", svc.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The watching and restart settings of server `name`: its own, else the `[servers]`
+    /// defaults, else the built-in ones.
+    pub fn supervision(&self, name: &str) -> Supervision {
+        let d = Supervision::default();
+        let all = &self.servers;
+        let one = self.server(name);
+        let ms = Duration::from_millis;
+        Supervision {
+            restart: one.restart.or(all.restart).unwrap_or(d.restart),
+            heartbeat: one
+                .heartbeat_ms
+                .or(all.heartbeat_ms)
+                .map_or(d.heartbeat, ms),
+            min_runtime: one
+                .min_runtime_ms
+                .or(all.min_runtime_ms)
+                .map_or(d.min_runtime, ms),
+            backoff_initial: one
+                .backoff_initial_ms
+                .or(all.backoff_initial_ms)
+                .map_or(d.backoff_initial, ms),
+            backoff_max: one
+                .backoff_max_ms
+                .or(all.backoff_max_ms)
+                .map_or(d.backoff_max, ms),
+            max_restarts: one
+                .max_restarts
+                .or(all.max_restarts)
+                .unwrap_or(d.max_restarts),
+            window: one
+                .window_s
+                .or(all.window_s)
+                .map_or(d.window, Duration::from_secs),
+            on_limit: one.on_limit.or(all.on_limit).unwrap_or(d.on_limit),
+        }
+    }
+
+    /// Checks the watching and restart fields, naming the table each value came from.
+    fn check_supervision(&self, path: &Path) -> Result<(), ConfigError> {
+        let park = self.placement.park_timeout_ms;
+        if !(1..=10_000).contains(&park) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                field: "placement.park_timeout_ms".into(),
+                message: format!("{park}: use 1 to 10000"),
+            });
+        }
+        for name in SERVERS {
+            let one = self.server(name);
+            // Where a value came from: `servers.NAME.FIELD` or `servers.FIELD`.
+            let at = |own: bool, field: &str| {
+                if own {
+                    format!("servers.{name}.{field}")
+                } else {
+                    format!("servers.{field}")
+                }
+            };
+            let bad = |own: bool, field: &str, message: String| ConfigError::Invalid {
+                path: path.into(),
+                field: at(own, field),
+                message,
+            };
+            let s = self.supervision(name);
+            let hb = s.heartbeat.as_millis() as u64;
+            let hb_own = one.heartbeat_ms.is_some();
+            if hb < park {
+                return Err(bad(
+                    hb_own,
+                    "heartbeat_ms",
+                    format!(
+                        "{hb} is below placement.park_timeout_ms ({park}): an idle server beats \
+                         only once per park, so it would look hung; use at least {park}"
+                    ),
+                ));
+            }
+            if hb > 60_000 {
+                return Err(bad(
+                    hb_own,
+                    "heartbeat_ms",
+                    format!("{hb}: use {park} to 60000"),
+                ));
+            }
+            let min_run = s.min_runtime.as_millis() as u64;
+            if min_run > 3_600_000 {
+                return Err(bad(
+                    one.min_runtime_ms.is_some(),
+                    "min_runtime_ms",
+                    format!("{min_run}: use 0 to 3600000"),
+                ));
+            }
+            let b0 = s.backoff_initial.as_millis() as u64;
+            if !(1..=600_000).contains(&b0) {
+                return Err(bad(
+                    one.backoff_initial_ms.is_some(),
+                    "backoff_initial_ms",
+                    format!("{b0}: use 1 to 600000"),
+                ));
+            }
+            let bmax = s.backoff_max.as_millis() as u64;
+            if !(b0..=600_000).contains(&bmax) {
+                return Err(bad(
+                    one.backoff_max_ms.is_some(),
+                    "backoff_max_ms",
+                    format!("{bmax}: use backoff_initial_ms ({b0}) to 600000"),
+                ));
+            }
+            if s.max_restarts > 100_000 {
+                return Err(bad(
+                    one.max_restarts.is_some(),
+                    "max_restarts",
+                    format!("{}: use 0 to 100000", s.max_restarts),
+                ));
+            }
+            let w = s.window.as_secs();
+            if !(1..=86_400).contains(&w) {
+                return Err(bad(
+                    one.window_s.is_some(),
+                    "window_s",
+                    format!("{w}: use 1 to 86400"),
                 ));
             }
         }
@@ -632,5 +841,117 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sndbuff"), "{e}");
+    }
+
+    #[test]
+    fn supervision_defaults() {
+        let c = Config::parse("", Path::new("k.toml")).unwrap();
+        for name in SERVERS {
+            let s = c.supervision(name);
+            assert_eq!(s, Supervision::default());
+            assert_eq!(s.restart, RestartPolicy::Permanent);
+            assert_eq!(s.heartbeat, Duration::from_millis(100));
+            assert_eq!(s.min_runtime, Duration::from_millis(1000));
+            assert_eq!(s.backoff_initial, Duration::from_millis(50));
+            assert_eq!(s.backoff_max, Duration::from_millis(5000));
+            assert_eq!(s.max_restarts, 10);
+            assert_eq!(s.window, Duration::from_secs(60));
+            assert_eq!(s.on_limit, OnLimit::Stop);
+        }
+    }
+
+    #[test]
+    fn supervision_defaults_table_and_per_server_overrides() {
+        let text = "[servers]\nmax_restarts = 3\nwindow_s = 10\non_limit = \"restart-all\"\n\
+                    heartbeat_ms = 200\n\
+                    [servers.udp]\nrestart = \"transient\"\nmax_restarts = 5\nheartbeat_ms = 50\n\
+                    min_runtime_ms = 0\nbackoff_initial_ms = 10\nbackoff_max_ms = 20\n\
+                    on_limit = \"stop\"\n";
+        let c = Config::parse(text, Path::new("k.toml")).unwrap();
+        let ip = c.supervision("ip");
+        assert_eq!(ip.max_restarts, 3);
+        assert_eq!(ip.window, Duration::from_secs(10));
+        assert_eq!(ip.on_limit, OnLimit::RestartAll);
+        assert_eq!(ip.heartbeat, Duration::from_millis(200));
+        assert_eq!(ip.restart, RestartPolicy::Permanent);
+        let udp = c.supervision("udp");
+        assert_eq!(udp.restart, RestartPolicy::Transient);
+        assert_eq!(udp.max_restarts, 5);
+        assert_eq!(udp.window, Duration::from_secs(10));
+        assert_eq!(udp.on_limit, OnLimit::Stop);
+        assert_eq!(udp.heartbeat, Duration::from_millis(50));
+        assert_eq!(udp.min_runtime, Duration::ZERO);
+        assert_eq!(
+            (udp.backoff_initial, udp.backoff_max),
+            (Duration::from_millis(10), Duration::from_millis(20))
+        );
+        // A config written back out (as `keepnet demo` does) reads the same.
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(Config::parse(&again, Path::new("k.toml")).unwrap(), c);
+    }
+
+    #[test]
+    fn supervision_values_checked_and_named() {
+        for (text, field) in [
+            (
+                "[servers.ip]\nheartbeat_ms = 10\n",
+                "servers.ip.heartbeat_ms",
+            ),
+            ("[servers]\nheartbeat_ms = 10\n", "servers.heartbeat_ms"),
+            (
+                "[placement]\npark_timeout_ms = 500\n",
+                "servers.heartbeat_ms",
+            ),
+            (
+                "[servers.tcp]\nheartbeat_ms = 70000\n",
+                "servers.tcp.heartbeat_ms",
+            ),
+            ("[servers]\nwindow_s = 0\n", "servers.window_s"),
+            ("[servers.udp]\nwindow_s = 100000\n", "servers.udp.window_s"),
+            (
+                "[servers]\nbackoff_initial_ms = 0\n",
+                "servers.backoff_initial_ms",
+            ),
+            (
+                "[servers.driver]\nbackoff_initial_ms = 100\nbackoff_max_ms = 50\n",
+                "servers.driver.backoff_max_ms",
+            ),
+            (
+                "[servers]\nmax_restarts = 1000000\n",
+                "servers.max_restarts",
+            ),
+            (
+                "[servers]\nmin_runtime_ms = 99999999\n",
+                "servers.min_runtime_ms",
+            ),
+            (
+                "[placement]\npark_timeout_ms = 0\n",
+                "placement.park_timeout_ms",
+            ),
+        ] {
+            let e = Config::parse(text, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{text:?}: {e}");
+        }
+        // The heartbeat may not undercut the park timeout; it says why.
+        let e = Config::parse("[servers.ip]\nheartbeat_ms = 10\n", Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("park_timeout_ms (50)"), "{e}");
+        // Wrong words and typos are refused, naming the word.
+        for (text, word) in [
+            ("[servers]\nrestart = \"always\"\n", "always"),
+            ("[servers.tcp]\non_limit = \"restart_all\"\n", "restart_all"),
+            ("[servers.tcp]\nmax_restart = 3\n", "max_restart"),
+            ("[servers]\nheartbeat = 100\n", "heartbeat"),
+            ("[servers.udp]\nbackof_max_ms = 100\n", "backof_max_ms"),
+            ("[servers]\nmax_restarts = -1\n", "max_restarts"),
+        ] {
+            let e = Config::parse(text, Path::new("k.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{text:?}: {e}");
+        }
     }
 }

@@ -45,6 +45,17 @@ fn main() -> ExitCode {
             }));
         }
         Command::Down(a) => return done(ctl::client::down(a.config.as_deref()).map(say)),
+        Command::Kill(a) => {
+            return done(
+                ctl::client::kill(
+                    a.config.config.as_deref(),
+                    &a.server,
+                    a.signal.as_deref(),
+                    a.scribble,
+                )
+                .map(say),
+            )
+        }
         Command::Capture(a) => {
             let out = a.out.clone();
             return done(

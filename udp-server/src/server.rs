@@ -91,7 +91,7 @@ use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{
     DatagramSlot, TransportEnds, TransportLink, WiringError, DATAGRAM_BUF, DELIVER_POOL, IP, UDP,
 };
-use keepnet_server::{Boot, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, ControlBlock, Progress, Scribbler, Server, ServerError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -1131,6 +1131,11 @@ impl Server for UdpServer {
             || !self.deliver_returns.is_empty()
             || !self.send_batch.is_empty()
             || self.apps.values_mut().any(|c| c.has_work(send_free))
+    }
+
+    fn scribble(&mut self, garbage: &mut Scribbler) -> usize {
+        garbage.fill(&mut self.ends.send, Scribbler::datagram)
+            + garbage.fill(&mut self.ends.deliver_return, Scribbler::descriptor)
     }
 
     fn hotplug(&mut self) -> Result<u64, ServerError> {

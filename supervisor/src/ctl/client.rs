@@ -40,6 +40,8 @@ pub enum ClientError {
     Remote(String),
     #[error("unexpected answer from the supervisor: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClientError {
@@ -64,13 +66,16 @@ fn read_state(instance: &str) -> Option<StateFile> {
     serde_json::from_str(&text).ok()
 }
 
-/// The checks `up` makes before starting anything.
+/// The checks `up` makes before starting anything. Root and /dev/net/tun only for a TAP
+/// link (the memory wire needs neither).
 pub fn preflight(config: &Config) -> Result<(), ClientError> {
-    if !is_root() {
-        return Err(ClientError::NotRoot("up"));
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Err(ClientError::NoTun);
+    if config.link.backend == crate::config::LinkBackend::Tap {
+        if !is_root() {
+            return Err(ClientError::NotRoot("up"));
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Err(ClientError::NoTun);
+        }
     }
     for name in SERVERS {
         daemon::binary_for(config, name)?;
@@ -295,6 +300,61 @@ pub fn down(config_path: Option<&Path>) -> Result<String, ClientError> {
     ))
 }
 
+/// A signal named as `kill(1)` takes it: `KILL`, `SIGKILL`, `kill` or a number.
+pub fn parse_signal(text: &str) -> Result<nix::sys::signal::Signal, ClientError> {
+    use nix::sys::signal::Signal;
+    let t = text.trim();
+    let sig = if let Ok(n) = t.parse::<i32>() {
+        Signal::try_from(n).ok()
+    } else {
+        let upper = t.to_ascii_uppercase();
+        let name = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        name.parse::<Signal>().ok()
+    };
+    sig.ok_or_else(|| {
+        ClientError::Usage(format!(
+            "unknown signal {text:?}: use a name such as KILL, TERM, STOP, SEGV, ABRT (with or without SIG) or a number from 1 to 31"
+        ))
+    })
+}
+
+/// `keepnet kill SERVER [--signal SIG | --scribble]`: fault injection through the
+/// supervisor, which records the instant. Returns the line to show the user.
+pub fn kill(
+    config_path: Option<&Path>,
+    server: &str,
+    signal: Option<&str>,
+    scribble: bool,
+) -> Result<String, ClientError> {
+    if !SERVERS.contains(&server) {
+        return Err(ClientError::Usage(format!(
+            "unknown server {server:?}: use one of {}",
+            SERVERS.join(", ")
+        )));
+    }
+    if scribble && signal.is_some() {
+        return Err(ClientError::Usage(
+            "--scribble and --signal exclude each other (a scribbling server aborts itself)".into(),
+        ));
+    }
+    let sig = parse_signal(signal.unwrap_or("KILL"))?;
+    let config = load_config(config_path)?;
+    let req = Request::Kill {
+        server: server.to_string(),
+        signal: sig as i32,
+        scribble,
+    };
+    match call(&config.instance, &req)?.0 {
+        Answer::Ok { message } => Ok(message),
+        Answer::Error { message } => Err(ClientError::Remote(message)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}
+
 /// `keepnet capture`: mirrors frames at the driver into a pcap file.
 pub fn capture(config_path: Option<&Path>, out: &Path, seconds: f64) -> Result<u64, ClientError> {
     let config = load_config(config_path)?;
@@ -360,4 +420,40 @@ pub fn capture(config_path: Option<&Path>, out: &Path, seconds: f64) -> Result<u
         .flush()
         .map_err(io(format!("write {}", out.display())))?;
     result.map(|()| frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn signals_by_name_with_or_without_sig_or_by_number() {
+        for (text, sig) in [
+            ("KILL", Signal::SIGKILL),
+            ("SIGKILL", Signal::SIGKILL),
+            ("kill", Signal::SIGKILL),
+            ("9", Signal::SIGKILL),
+            ("STOP", Signal::SIGSTOP),
+            ("sigsegv", Signal::SIGSEGV),
+            (" TERM ", Signal::SIGTERM),
+            ("6", Signal::SIGABRT),
+        ] {
+            assert_eq!(parse_signal(text).unwrap(), sig, "{text}");
+        }
+        for bad in ["", "0", "-9", "99", "FOO", "SIG", "SIGKILLL", "9x"] {
+            let e = parse_signal(bad).unwrap_err().to_string();
+            assert!(e.contains("unknown signal"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn kill_refuses_an_unknown_server_before_anything_else() {
+        let e = kill(None, "tpc", None, false).unwrap_err().to_string();
+        assert_eq!(e, "unknown server \"tpc\": use one of driver, ip, udp, tcp");
+        let e = kill(None, "tcp", Some("KILL"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exclude each other"), "{e}");
+    }
 }

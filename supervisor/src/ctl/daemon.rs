@@ -1,11 +1,13 @@
 //! The supervisor daemon: owns the regions and the TAP device, starts and watches the servers,
 //! answers the control socket.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_ipc::SpinPolicy;
@@ -26,7 +28,7 @@ use super::lab::{self, LabError};
 use super::protocol::{Answer, Request, StateFile};
 use super::services::ServiceProc;
 use super::status::{AppStatus, ServerStatus, ServiceStatus, StatusReport};
-use crate::config::{Config, Placement, SERVERS};
+use crate::config::{Config, OnLimit, Placement, RestartPolicy, Supervision, SERVERS};
 
 /// Sockets in the udp server's table.
 const UDP_SOCKETS: u32 = 4096;
@@ -39,6 +41,13 @@ const UDP_APPS: usize = 0;
 const TCP_APPS: usize = 1;
 /// Longest wait for the services to attach and bind before `up` gives up.
 const SERVICES_READY: Duration = Duration::from_secs(20);
+/// A restarted server that is not running this long after its start is killed (a failed
+/// start).
+const START_LIMIT: Duration = Duration::from_secs(15);
+/// How often the daemon looks at the control block of a server it is starting.
+const STARTING_POLL: Duration = Duration::from_micros(100);
+/// Longest wait for a running transport server to answer a hotplug request.
+const HOTPLUG_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the daemon could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +111,23 @@ pub fn binary_for(config: &Config, name: &str) -> Result<PathBuf, DaemonError> {
     Ok(path)
 }
 
+/// Where a server is in its life, as the supervisor sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Spawned; not yet seen running with its own pid.
+    Starting,
+    /// Seen running with its own pid; its heartbeat is watched.
+    Up,
+    /// Exited; starts again at `at` (a crash loop backs off).
+    Backoff { at: Instant },
+    /// Waiting for its turn in a restart of the whole constellation.
+    Queued,
+    /// Not restarted again: the reason, as status shows it.
+    Failed(String),
+    /// Exited cleanly under `restart = "transient"`: not restarted.
+    Stopped(String),
+}
+
 struct ServerProc {
     name: &'static str,
     binary: PathBuf,
@@ -109,11 +135,108 @@ struct ServerProc {
     commands: keepnet_ipc::Producer<ControlMsg>,
     replies: keepnet_ipc::Consumer<ControlMsg>,
     child: Option<Child>,
+    /// The child's pidfd: readable once it has exited (polled in `serve`).
+    pidfd: Option<OwnedFd>,
     started: Instant,
     restarts: u64,
     opts: RunOptions,
     env: Vec<(String, String)>,
     seq: u32,
+    sup: Supervision,
+    phase: Phase,
+    /// How the last instance ended ("killed by signal 9 (SIGKILL)", "hung: ...").
+    last_exit: Option<String>,
+    /// Microseconds from the last outage's start to the new instance running.
+    last_recovery_us: Option<u64>,
+    /// When the current outage started (exit seen, hang seen or `keepnet kill` sent).
+    outage_since: Option<Instant>,
+    /// Consecutive failed starts (runs shorter than `min_runtime`): the backoff exponent.
+    failed_starts: u32,
+    /// When each restart within the intensity window happened.
+    history: VecDeque<Instant>,
+    /// `keepnet kill` sent a signal to this pid at this instant.
+    kill_sent: Option<(Instant, u32)>,
+    /// The supervisor killed the running child itself: why (reported as its exit).
+    doom: Option<String>,
+    /// Last heartbeat value and when it was seen to change.
+    beat: (u64, Instant),
+    /// The child's run-queue wait (ns, /proc/PID/schedstat) when its heartbeat was first
+    /// seen standing still: time it was starved of a CPU does not count as a hang.
+    beat_wait: Option<u64>,
+}
+
+impl ServerProc {
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The state word status shows.
+    fn state(&self) -> String {
+        match &self.phase {
+            Phase::Starting => "starting".into(),
+            Phase::Up => self
+                .control
+                .state()
+                .map_or("invalid", |st| st.as_str())
+                .to_string(),
+            Phase::Backoff { .. } => "backoff".into(),
+            Phase::Queued => "restarting".into(),
+            Phase::Failed(_) => "failed".into(),
+            Phase::Stopped(_) => "stopped".into(),
+        }
+    }
+}
+
+/// An exit status in words: "exited with code 1", "killed by signal 9 (SIGKILL)".
+pub fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    match status.signal() {
+        Some(sig) => format!(
+            "killed by signal {sig} ({}){}",
+            Signal::try_from(sig).map_or("unknown", |s| s.as_str()),
+            if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        ),
+        None => status.to_string(),
+    }
+}
+
+/// A pidfd for child `pid` (pidfd_open(2)): it becomes readable when the process exits.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes a pid and a flags word, both plain integers; it touches none of
+    // our memory and returns a new fd (close-on-exec) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = std::os::fd::RawFd::try_from(fd)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel just returned this fd to us and nothing else refers to it, so the
+    // OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Nanoseconds process `pid` has spent runnable but waiting for a CPU (the second field of
+/// /proc/PID/schedstat); None where the kernel does not say.
+fn run_queue_wait_ns(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// True if `fd` (a pidfd) is readable now: its process has exited.
+fn pidfd_exited(fd: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(nix::poll::poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Everything the daemon owns. Dropping it stops the servers and removes what `up` made.
@@ -141,6 +264,11 @@ pub struct Daemon {
     created_netns: bool,
     listener: Option<UnixListener>,
     run_dir: PathBuf,
+    /// When the constellation was last restarted whole (`on_limit = "restart-all"`).
+    last_restart_all: Option<Instant>,
+    /// When `watch_servers` last looked (a daemon that was itself kept off the CPU gives the
+    /// servers the benefit of the doubt).
+    last_watch: Instant,
 }
 
 fn placement(config: &Config) -> Vec<RunOptions> {
@@ -327,6 +455,8 @@ impl Daemon {
             created_netns,
             listener: None,
             run_dir,
+            last_restart_all: None,
+            last_watch: Instant::now(),
         };
 
         if config.link.backend == crate::config::LinkBackend::Wire {
@@ -360,16 +490,31 @@ impl Daemon {
                 commands,
                 replies,
                 child: None,
+                pidfd: None,
                 started: Instant::now(),
                 restarts: 0,
                 opts: run,
                 env: server_env(&config, name),
                 seq: 0,
+                sup: config.supervision(name),
+                phase: Phase::Starting,
+                last_exit: None,
+                last_recovery_us: None,
+                outage_since: None,
+                failed_starts: 0,
+                history: VecDeque::new(),
+                kill_sent: None,
+                doom: None,
+                beat: (0, Instant::now()),
+                beat_wait: None,
             });
         }
         for i in 0..d.servers.len() {
             d.spawn(i)?;
             d.wait_ready(i, Duration::from_secs(15))?;
+            let s = &mut d.servers[i];
+            s.phase = Phase::Up;
+            s.beat = (s.control.heartbeat(), Instant::now());
         }
 
         let sock = super::socket_path(&config.instance);
@@ -527,8 +672,17 @@ impl Daemon {
             .map_err(io(format!("start {}", s.binary.display())))?;
         info!(server = s.name, pid = child.id(), "started");
         let s = &mut self.servers[i];
+        s.pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                // SIGCHLD still wakes the loop; only the pidfd's directness is lost.
+                warn!(server = s.name, %e, "pidfd_open failed; watching through SIGCHLD only");
+                None
+            }
+        };
         s.child = Some(child);
         s.started = Instant::now();
+        s.phase = Phase::Starting;
         Ok(())
     }
 
@@ -710,11 +864,15 @@ impl Daemon {
                 .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.stream))
                 .collect();
             let (signalled, connected, hung_up) = {
-                use nix::poll::{PollFd, PollFlags, PollTimeout};
+                use nix::poll::{PollFd, PollFlags};
                 let mut pfds = vec![PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
                 let listener = self.listener.as_ref();
                 if let Some(l) = listener {
                     pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+                }
+                // A server's exit wakes the loop at once through its pidfd (and SIGCHLD).
+                for fd in self.servers.iter().filter_map(|s| s.pidfd.as_ref()) {
+                    pfds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                 }
                 let base = pfds.len();
                 let conns: Vec<&UnixStream> = self
@@ -726,8 +884,12 @@ impl Daemon {
                 for c in &conns {
                     pfds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
                 }
-                let wait = if busy { 20u16 } else { 1000u16 };
-                let _ = nix::poll::poll(&mut pfds, PollTimeout::from(wait));
+                let mut wait = Duration::from_millis(if busy { 20 } else { 1000 });
+                if let Some(w) = self.watch_timeout() {
+                    wait = wait.min(w);
+                }
+                let ts = nix::sys::time::TimeSpec::from_duration(wait);
+                let _ = nix::poll::ppoll(&mut pfds, Some(ts), None);
                 let ready = |p: &PollFd<'_>| p.revents().is_some_and(|r| !r.is_empty());
                 let hung: Vec<std::os::fd::RawFd> = pfds[base..]
                     .iter()
@@ -747,7 +909,7 @@ impl Daemon {
                     return Ok(());
                 }
             }
-            self.reap_servers();
+            self.watch_servers();
             for i in 0..self.services.len() {
                 self.services[i].reap();
                 let log = self.service_log(i);
@@ -816,37 +978,394 @@ impl Daemon {
         listeners + conns
     }
 
-    /// Reaps servers that exited on their own and starts them again.
-    fn reap_servers(&mut self) {
+    /// Watches the servers: reaps those that exited (a pidfd or SIGCHLD woke the loop),
+    /// kills those whose heartbeat stopped, starts those whose backoff ran out or whose turn
+    /// in a restart-all came, and notices restarted ones running. Never waits on a child.
+    fn watch_servers(&mut self) {
         for i in 0..self.servers.len() {
             let exited = self.servers[i]
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
-            let Some(status) = exited else { continue };
-            let s = &mut self.servers[i];
-            warn!(server = s.name, %status, "server exited; restarting");
-            let pid = s.child.take().map_or(0, |c| c.id());
-            s.restarts += 1;
-            release_rings(&self.link, pid);
-            release_transport(&self.udp_link, pid);
-            release_transport(&self.tcp_link, pid);
-            for c in self.apps.iter().flat_map(|set| set.conns.values()) {
-                c.link.release_claims_of(pid);
-            }
-            if let Err(e) = self.spawn(i) {
-                error!(%e, "restart failed");
-                continue;
-            }
-            let _ = self.write_state();
-            let name = self.servers[i].name;
-            if let Some(set) = self.apps.iter().find(|set| set.label == name) {
-                // The fresh transport server maps every live application's region again.
-                let servers = &mut self.servers;
-                let mut drain = || hotplug_drain(&mut servers[i]);
-                set.resend_all(&mut drain);
+            if let Some(status) = exited {
+                self.on_exit(i, status);
             }
         }
+        let now = Instant::now();
+        let gap = now.duration_since(self.last_watch);
+        self.last_watch = now;
+        for s in &mut self.servers {
+            // The daemon did not look for longer than a heartbeat period (it was starved
+            // itself, or busy): what it did not watch does not count against the servers.
+            if gap > s.sup.heartbeat {
+                if let Some(t) = now.checked_sub(s.sup.heartbeat) {
+                    s.beat.1 = s.beat.1.max(t);
+                }
+                s.beat_wait = None;
+            }
+        }
+        for i in 0..self.servers.len() {
+            match self.servers[i].phase.clone() {
+                Phase::Starting => self.check_starting(i, now),
+                Phase::Up => self.check_heartbeat(i, now),
+                Phase::Backoff { at } if at <= now => self.start_again(i),
+                _ => {}
+            }
+        }
+        // A restart-all starts the servers one at a time, in order, once the killed ones
+        // are all reaped.
+        let busy = self
+            .servers
+            .iter()
+            .any(|s| s.phase == Phase::Starting || (s.doom.is_some() && s.child.is_some()));
+        if !busy {
+            if let Some(i) = self.servers.iter().position(|s| s.phase == Phase::Queued) {
+                self.start_again(i);
+            }
+        }
+    }
+
+    /// How long the loop may sleep before the next look at the servers.
+    fn watch_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut t: Option<Duration> = None;
+        let mut at_most = |d: Duration| t = Some(t.map_or(d, |t: Duration| t.min(d)));
+        for s in &self.servers {
+            match &s.phase {
+                Phase::Starting | Phase::Queued => at_most(STARTING_POLL),
+                // Four looks per period: a hang is seen within 2.25 periods.
+                Phase::Up => at_most((s.sup.heartbeat / 4).max(Duration::from_millis(1))),
+                Phase::Backoff { at } => at_most(at.saturating_duration_since(now)),
+                Phase::Failed(_) | Phase::Stopped(_) => {}
+            }
+        }
+        t
+    }
+
+    /// Server `i` exited with `status`: record it, free what it held, and restart it per its
+    /// policy.
+    fn on_exit(&mut self, i: usize, status: ExitStatus) {
+        let now = Instant::now();
+        let s = &mut self.servers[i];
+        let pid = s.pid();
+        s.child = None;
+        s.pidfd = None;
+        let doomed = s.doom.is_some();
+        let reason = s.doom.take().unwrap_or_else(|| describe_exit(status));
+        // The outage began when it was seen, or when `keepnet kill` signalled it if that
+        // came first (a stale kill, one that did not end the process, does not count).
+        let mut since = s.outage_since.unwrap_or(now);
+        let mut injected = false;
+        if let Some((t, p)) = s.kill_sent.take() {
+            if p == pid && now.duration_since(t) <= kill_memory(&s.sup) {
+                since = since.min(t);
+                injected = true;
+            }
+        }
+        let ran = now.duration_since(s.started);
+        if doomed {
+            // Already reported as detected when the supervisor killed it.
+            info!(server = s.name, pid, %status, "killed instance reaped");
+        } else {
+            warn!(
+                server = s.name,
+                pid,
+                reason = %reason,
+                ran_ms = ran.as_millis() as u64,
+                "detected"
+            );
+        }
+        s.last_exit = Some(reason);
+        release_rings(&self.link, pid);
+        release_transport(&self.udp_link, pid);
+        release_transport(&self.tcp_link, pid);
+        for c in self.apps.iter().flat_map(|set| set.conns.values()) {
+            c.link.release_claims_of(pid);
+        }
+        let s = &mut self.servers[i];
+        if s.phase == Phase::Queued {
+            // Killed for a restart-all: it starts in its turn.
+            s.outage_since = Some(since);
+            return;
+        }
+        if s.sup.restart == RestartPolicy::Transient && status.code() == Some(0) {
+            let why = "exited with code 0; restart = \"transient\": not restarted".to_string();
+            info!(server = s.name, pid, "{why}");
+            s.phase = Phase::Stopped(why);
+            s.outage_since = None;
+            let _ = self.write_state();
+            return;
+        }
+        s.outage_since = Some(since);
+        // A short run is a failed start, unless `keepnet kill` ended it: injected faults
+        // are not a crash loop.
+        if ran < s.sup.min_runtime && !injected {
+            s.failed_starts = s.failed_starts.saturating_add(1);
+        } else {
+            s.failed_starts = 0;
+        }
+        self.schedule_restart(i, now);
+    }
+
+    /// Counts a restart of server `i` against its intensity and starts it now, after a
+    /// backoff, or not at all (the limit).
+    fn schedule_restart(&mut self, i: usize, now: Instant) {
+        let s = &mut self.servers[i];
+        let window = s.sup.window;
+        while s
+            .history
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= window)
+        {
+            s.history.pop_front();
+        }
+        if s.history.len() >= s.sup.max_restarts as usize {
+            self.on_limit(i, now);
+            return;
+        }
+        s.history.push_back(now);
+        s.restarts += 1;
+        let backoff = backoff(&s.sup, s.failed_starts);
+        info!(
+            server = s.name,
+            attempt = s.failed_starts + 1,
+            backoff_ms = backoff.as_millis() as u64,
+            restarts = s.restarts,
+            "restarting"
+        );
+        if backoff.is_zero() {
+            self.start_again(i);
+        } else {
+            s.phase = Phase::Backoff { at: now + backoff };
+        }
+    }
+
+    /// Server `i` restarted more often than its intensity allows.
+    fn on_limit(&mut self, i: usize, now: Instant) {
+        let s = &self.servers[i];
+        let limit = format!(
+            "{} restarts in {} s, limit reached",
+            s.history.len(),
+            s.sup.window.as_secs()
+        );
+        let again = self
+            .last_restart_all
+            .is_some_and(|t| now.duration_since(t) < s.sup.window);
+        if s.sup.on_limit == OnLimit::RestartAll && !again {
+            self.restart_all(i, &limit, now);
+            return;
+        }
+        let why = if s.sup.on_limit == OnLimit::RestartAll {
+            format!(
+                "failed: {limit} again within {} s of a restart of every server; not restarting",
+                s.sup.window.as_secs()
+            )
+        } else {
+            format!("failed: {limit}; not restarting")
+        };
+        error!(server = s.name, reason = %why, "server failed");
+        let s = &mut self.servers[i];
+        s.phase = Phase::Failed(why);
+        let _ = self.write_state();
+    }
+
+    /// `on_limit = "restart-all"`: kills every live server and starts them all again in
+    /// order (driver, ip, udp, tcp) on the same regions, each once the one before runs.
+    fn restart_all(&mut self, trigger: usize, limit: &str, now: Instant) {
+        let name = self.servers[trigger].name;
+        error!(server = name, reason = %limit, "restart limit reached; restarting every server (on_limit = restart-all)");
+        self.last_restart_all = Some(now);
+        for s in &mut self.servers {
+            s.history.clear();
+            s.failed_starts = 0;
+            s.restarts += 1;
+            s.outage_since = Some(s.outage_since.unwrap_or(now));
+            if let Some(child) = &s.child {
+                let pid = child.id();
+                s.doom = Some(format!(
+                    "killed by the supervisor: restart-all after {name} hit its restart limit"
+                ));
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            s.phase = Phase::Queued;
+        }
+    }
+
+    /// Starts server `i` again (after an exit, a backoff or in a restart-all). A failed spawn
+    /// counts as a failed start.
+    fn start_again(&mut self, i: usize) {
+        if let Err(e) = self.spawn(i) {
+            let s = &mut self.servers[i];
+            error!(server = s.name, %e, "restart failed");
+            s.last_exit = Some(format!("could not start: {e}"));
+            s.failed_starts = s.failed_starts.saturating_add(1);
+            self.schedule_restart(i, Instant::now());
+        }
+    }
+
+    /// A server being started: running yet? (then it serves again); too slow? (killed).
+    fn check_starting(&mut self, i: usize, now: Instant) {
+        let s = &mut self.servers[i];
+        let pid = s.pid();
+        if pid == 0 || s.doom.is_some() {
+            return;
+        }
+        if s.control.state() == Some(ServerState::Running) && s.control.pid() == pid {
+            self.on_running(i, now);
+            return;
+        }
+        if now.duration_since(s.started) >= START_LIMIT {
+            let why = format!("not running {} s after its start", START_LIMIT.as_secs());
+            warn!(server = s.name, pid, reason = %why, "detected");
+            s.outage_since = Some(s.outage_since.unwrap_or(now));
+            s.doom = Some(why);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+
+    /// Server `i` runs again: record the recovery time, hand a transport server the live
+    /// applications again, and say so.
+    fn on_running(&mut self, i: usize, now: Instant) {
+        let s = &mut self.servers[i];
+        s.phase = Phase::Up;
+        s.beat = (s.control.heartbeat(), now);
+        s.beat_wait = None;
+        let outage = s.outage_since.take();
+        let recovery_us = outage.map(|t| now.duration_since(t).as_micros() as u64);
+        // Where the time went: outage start to the spawn's return, then to running.
+        let spawned_us = outage.map(|t| s.started.saturating_duration_since(t).as_micros() as u64);
+        let boot_us = now.duration_since(s.started).as_micros() as u64;
+        if recovery_us.is_some() {
+            s.last_recovery_us = recovery_us;
+        }
+        let (name, pid, generation) = (s.name, s.pid(), s.control.generation().get());
+        if let Some(set) = self.apps.iter().find(|set| set.label == name) {
+            // The fresh transport server maps every live application's region again.
+            let servers = &mut self.servers;
+            let mut drain = || hotplug_drain(&mut servers[i]);
+            set.resend_all(&mut drain);
+        }
+        info!(
+            server = name,
+            pid,
+            generation,
+            recovery_us = recovery_us.unwrap_or(0),
+            spawned_us = spawned_us.unwrap_or(0),
+            boot_us,
+            "serving again"
+        );
+        let _ = self.write_state();
+    }
+
+    /// A running server: has its heartbeat moved within 2 periods? If not, it is hung:
+    /// killed, and restarted as after a crash.
+    fn check_heartbeat(&mut self, i: usize, now: Instant) {
+        let s = &mut self.servers[i];
+        if s.doom.is_some() {
+            return;
+        }
+        let Some(pid) = s.child.as_ref().map(Child::id) else {
+            return;
+        };
+        let beat = s.control.heartbeat();
+        if beat != s.beat.0 {
+            s.beat = (beat, now);
+            s.beat_wait = None;
+            return;
+        }
+        // Standing still. Time it spent runnable but waiting for a CPU (an oversubscribed
+        // machine) is not silence of its own.
+        let wait = run_queue_wait_ns(pid);
+        if s.beat_wait.is_none() {
+            s.beat_wait = wait;
+        }
+        let starved = match (s.beat_wait, wait) {
+            (Some(a), Some(b)) => Duration::from_nanos(b.saturating_sub(a)),
+            _ => Duration::ZERO,
+        };
+        let still = now.duration_since(s.beat.1);
+        if still.saturating_sub(starved) < 2 * s.sup.heartbeat {
+            return;
+        }
+        let why = if starved < Duration::from_millis(1) {
+            format!("hung: no heartbeat for {} ms", still.as_millis())
+        } else {
+            format!(
+                "hung: no heartbeat for {} ms ({} ms of it waiting for a CPU)",
+                still.as_millis(),
+                starved.as_millis()
+            )
+        };
+        warn!(server = s.name, pid, reason = %why, "detected");
+        let mut since = now;
+        if let Some((t, p)) = s.kill_sent {
+            if p == pid && now.duration_since(t) <= kill_memory(&s.sup) {
+                since = since.min(t);
+            }
+        }
+        s.outage_since = Some(since);
+        s.doom = Some(why);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+
+    /// `keepnet kill SERVER [--signal SIG | --scribble]`.
+    fn kill(&mut self, server: &str, signal: i32, scribble: bool) -> Result<String, String> {
+        let Some(i) = self.servers.iter().position(|s| s.name == server) else {
+            return Err(format!(
+                "no server named {server:?}: use {}",
+                SERVERS.join(", ")
+            ));
+        };
+        let s = &mut self.servers[i];
+        let pid = s.pid();
+        if pid == 0 || s.doom.is_some() {
+            return Err(format!(
+                "{server} is not running (state {}); nothing to kill",
+                s.state()
+            ));
+        }
+        if scribble {
+            if s.phase != Phase::Up {
+                return Err(format!(
+                    "{server} (pid {pid}) is {}, not running: it cannot take a scribble order now",
+                    s.state()
+                ));
+            }
+            s.seq = s.seq.wrapping_add(1);
+            let msg = ControlMsg {
+                value: u64::from(pid),
+                ..ControlMsg::command(Cmd::Scribble, s.seq)
+            };
+            s.kill_sent = Some((Instant::now(), pid));
+            if s.commands.push(msg).is_err() {
+                s.kill_sent = None;
+                return Err(format!("{server}'s command ring is full; try again"));
+            }
+            info!(
+                server,
+                pid, "fault injection: told it to scribble on its rings and abort"
+            );
+            return Ok(format!(
+                "told {server} (pid {pid}) to scribble garbage on the rings it produces on and abort"
+            ));
+        }
+        let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
+        s.kill_sent = Some((Instant::now(), pid));
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig) {
+            s.kill_sent = None;
+            return Err(format!(
+                "kill {server} (pid {pid}) with {}: {e}",
+                sig.as_str()
+            ));
+        }
+        info!(
+            server,
+            pid,
+            signal = sig.as_str(),
+            "fault injection: signal sent"
+        );
+        Ok(format!("killed {server} (pid {pid}) with {}", sig.as_str()))
     }
 
     /// An application's control connection is readable: EOF (or an error) detaches it; any
@@ -905,7 +1424,10 @@ impl Daemon {
         };
         // Attaching and reading the status are open to every local user; stopping the
         // constellation and mirroring its traffic are for root and the supervisor's own user.
-        let privileged = matches!(req, Request::Down | Request::Link | Request::Wire);
+        let privileged = matches!(
+            req,
+            Request::Down | Request::Link | Request::Wire | Request::Kill { .. }
+        );
         if privileged {
             let uid =
                 nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
@@ -959,6 +1481,18 @@ impl Daemon {
                         &[],
                     ),
                 }
+                false
+            }
+            Request::Kill {
+                server,
+                signal,
+                scribble,
+            } => {
+                let answer = match self.kill(&server, signal, scribble) {
+                    Ok(message) => Answer::Ok { message },
+                    Err(message) => Answer::Error { message },
+                };
+                send(&stream, &answer, &[]);
                 false
             }
             Request::Down => {
@@ -1040,6 +1574,8 @@ impl Daemon {
             set.conns.clear();
         }
         for s in self.servers.iter_mut().rev() {
+            s.pidfd = None;
+            s.phase = Phase::Stopped("stopped by keepnet down".into());
             let Some(mut child) = s.child.take() else {
                 continue;
             };
@@ -1091,22 +1627,54 @@ impl Drop for Daemon {
     }
 }
 
-/// Asks the udp server to read its hotplug socket and waits (bounded) for the answer.
+/// Asks a transport server to read its hotplug socket and waits for the answer: at most
+/// [`HOTPLUG_WAIT`], and not at all for a server that is not there or not starting or
+/// running, nor past its death (its pidfd).
 fn hotplug_drain(s: &mut ServerProc) -> bool {
-    if s.child.is_none() {
+    if s.child.is_none() || s.doom.is_some() || !matches!(s.phase, Phase::Up | Phase::Starting) {
         return false;
     }
     s.seq = s.seq.wrapping_add(1);
-    matches!(
-        request(
-            &mut s.commands,
-            &mut s.replies,
-            s.seq,
-            Cmd::Hotplug,
-            Duration::from_secs(2),
-        ),
-        Ok(Ok(_))
-    )
+    let seq = s.seq;
+    if s.commands
+        .push(ControlMsg::command(Cmd::Hotplug, seq))
+        .is_err()
+    {
+        return false;
+    }
+    let deadline = Instant::now() + HOTPLUG_WAIT;
+    loop {
+        loop {
+            match s.replies.pop() {
+                Ok(Some(r)) if r.seq == seq => return r.kind == ControlMsg::OK,
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(_) => return false,
+            }
+        }
+        if Instant::now() >= deadline || s.pidfd.as_ref().is_some_and(pidfd_exited) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// The wait before restarting after `failed_starts` consecutive failed starts: none after a
+/// healthy run, then `backoff_initial`, doubling, at most `backoff_max`.
+fn backoff(sup: &Supervision, failed_starts: u32) -> Duration {
+    if failed_starts == 0 {
+        return Duration::ZERO;
+    }
+    let factor = 1u32 << (failed_starts - 1).min(20);
+    sup.backoff_initial
+        .saturating_mul(factor)
+        .min(sup.backoff_max)
+}
+
+/// How long a `keepnet kill` counts as the start of the outage it caused (a signal that did
+/// not end the process is forgotten after this).
+fn kill_memory(sup: &Supervision) -> Duration {
+    (4 * sup.heartbeat).max(Duration::from_secs(5))
 }
 
 /// Frees transport ring sides a dead server held.
@@ -1146,16 +1714,12 @@ fn server_status(s: &ServerProc) -> ServerStatus {
             }
         }
     }
-    let alive = s.child.is_some();
+    let now = Instant::now();
     ServerStatus {
         name: s.name.into(),
-        pid: if alive { c.pid() } else { 0 },
+        pid: s.pid(),
         core: c.core(),
-        state: if alive {
-            c.state().map_or("invalid", |st| st.as_str()).to_string()
-        } else {
-            "down".into()
-        },
+        state: s.state(),
         generation: c.generation().get(),
         restarts: s.restarts,
         version: c.version(),
@@ -1175,6 +1739,25 @@ fn server_status(s: &ServerProc) -> ServerStatus {
             .unwrap_or(0),
         drops,
         counters,
+        last_exit: s.last_exit.clone(),
+        last_recovery_us: s.last_recovery_us,
+        next_start_ms: match s.phase {
+            Phase::Backoff { at } => Some(at.saturating_duration_since(now).as_millis() as u64),
+            _ => None,
+        },
+        detail: match &s.phase {
+            Phase::Backoff { at } => Some(format!(
+                "backoff: {} failed start{} in a row (runs under {} ms); next start in {} ms",
+                s.failed_starts,
+                if s.failed_starts == 1 { "" } else { "s" },
+                s.sup.min_runtime.as_millis(),
+                at.saturating_duration_since(now).as_millis()
+            )),
+            Phase::Failed(why) | Phase::Stopped(why) => Some(why.clone()),
+            Phase::Queued => Some("restarting with every other server (restart-all)".into()),
+            Phase::Starting | Phase::Up => None,
+        },
+        heartbeat_ms: s.sup.heartbeat.as_millis() as u64,
     }
 }
 
@@ -1235,5 +1818,56 @@ fn join_wire(
                 .map_err(|e| DaemonError::Shm(format!("wire region: {e}")))?;
             Ok((Wire::open(region).map_err(shm)?, (a, b)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_immediate_after_a_healthy_run_then_doubles_to_the_cap() {
+        let sup = Supervision::default();
+        let ms: Vec<u64> = (0..10)
+            .map(|n| backoff(&sup, n).as_millis() as u64)
+            .collect();
+        assert_eq!(ms, [0, 50, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(backoff(&sup, u32::MAX), Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn exits_are_described_plainly() {
+        // Wait statuses as waitpid gives them: code << 8, or the signal number (| 0x80 for
+        // a core dump).
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(1 << 8)),
+            "exited with code 1"
+        );
+        assert_eq!(describe_exit(ExitStatus::from_raw(0)), "exited with code 0");
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(9)),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(6 | 0x80)),
+            "killed by signal 6 (SIGABRT), core dumped"
+        );
+    }
+
+    #[test]
+    fn a_pidfd_turns_readable_when_its_child_exits() {
+        let mut child = Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .expect("spawn sleep");
+        let fd = pidfd_open(child.id()).expect("pidfd_open");
+        assert!(!pidfd_exited(&fd));
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let n = nix::poll::poll(&mut p, PollTimeout::from(5000u16)).expect("poll");
+        assert_eq!(n, 1);
+        assert!(pidfd_exited(&fd));
+        assert!(child.wait().expect("wait").success());
+        assert!(run_queue_wait_ns(std::process::id()).is_some());
     }
 }

@@ -20,6 +20,15 @@ pub enum Request {
     /// An application attaches (see `keepnet_server::app`): the answer carries its region
     /// and the server's doorbell eventfd, and the connection stays open until it exits.
     Attach { protocol: u8 },
+    /// Fault injection (`keepnet kill`): send `signal` to server `server`, or with
+    /// `scribble`, order it to write garbage on its rings and abort. The supervisor records
+    /// the instant, the start of the outage it measures.
+    Kill {
+        server: String,
+        signal: i32,
+        #[serde(default)]
+        scribble: bool,
+    },
 }
 
 /// An answer from the daemon.

@@ -52,8 +52,13 @@ pub struct AppStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServerStatus {
     pub name: String,
+    /// 0 while no instance lives (backoff, failed, stopped).
     pub pid: u32,
     pub core: Option<usize>,
+    /// `starting`, `running`, `quiesced`, `backoff` (a crash loop: waiting `next_start_ms`
+    /// before the next start), `restarting` (waiting for its turn in a restart of every
+    /// server), `failed` (restart limit reached: not restarted; see `detail`), `stopped`
+    /// (exited cleanly with `restart = "transient"`).
     pub state: String,
     pub generation: u64,
     pub restarts: u64,
@@ -66,6 +71,25 @@ pub struct ServerStatus {
     pub drops: BTreeMap<String, u64>,
     /// Every other counter.
     pub counters: BTreeMap<String, u64>,
+    /// How the last instance ended: "exited with code 1", "killed by signal 9 (SIGKILL)",
+    /// "hung: no heartbeat for 212 ms"; null if none has ended.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// Microseconds from the start of the last outage (the exit or hang seen by the
+    /// supervisor, or the `keepnet kill` it sent, whichever came first) to the new instance
+    /// running; null if it never restarted.
+    #[serde(default)]
+    pub last_recovery_us: Option<u64>,
+    /// State `backoff`: milliseconds until the next start.
+    #[serde(default)]
+    pub next_start_ms: Option<u64>,
+    /// Why the state is what it is, in words, for `backoff`, `failed`, `stopped` and
+    /// `restarting` (e.g. "failed: 10 restarts in 60 s, limit reached; not restarting").
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// The heartbeat period the supervisor watches it with (a hang: none for twice this).
+    #[serde(default)]
+    pub heartbeat_ms: u64,
 }
 
 impl StatusReport {
@@ -110,6 +134,30 @@ impl StatusReport {
                 v.packets_out,
                 v.drops.values().sum::<u64>()
             ));
+        }
+        let mut first = true;
+        for v in &self.servers {
+            if v.restarts == 0 && v.detail.is_none() && v.last_exit.is_none() {
+                continue;
+            }
+            if std::mem::take(&mut first) {
+                s.push('\n');
+            }
+            let mut line = format!("{}: restarts {}", v.name, v.restarts);
+            if let Some(e) = &v.last_exit {
+                line.push_str(&format!(", last exit: {e}"));
+            }
+            if let Some(us) = v.last_recovery_us {
+                line.push_str(&format!(
+                    ", serving again after {:.2} ms",
+                    us as f64 / 1000.0
+                ));
+            }
+            if let Some(d) = &v.detail {
+                line.push_str(&format!("\n  {d}"));
+            }
+            s.push_str(&line);
+            s.push('\n');
         }
         if !self.services.is_empty() {
             s.push_str(&format!(

@@ -3,9 +3,12 @@
 //! [`root_or_skip`] says so loudly and the test skips, except under CI=true where it fails.
 //! All traffic stays inside the namespace the lab creates, on 198.18.0.0/15.
 
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// keepnet's address in a lab with the default config.
 pub const KEEPNET_IP: &str = "198.18.0.2";
@@ -150,6 +153,40 @@ impl Lab {
         c
     }
 
+    /// `keepnet status --json` without echoing it (for tight polling loops); `None` if the
+    /// command failed or printed no JSON.
+    pub fn status_quiet(&self) -> Option<serde_json::Value> {
+        let out = Command::new(&self.keepnet)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .env("KEEPNET_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Starts `bash -c SCRIPT` inside the lab's namespace (the kernel side), in a process
+    /// group of its own so that every process of a pipeline is killed with it.
+    pub fn spawn_sh(&self, script: &str) -> NsJob {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "bash", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn bash in the lab's namespace");
+        NsJob {
+            child,
+            script: script.to_string(),
+            status: None,
+        }
+    }
+
     /// `keepnet status --json`.
     pub fn status(&self) -> serde_json::Value {
         let out = self.keepnet(&["status", "--json"]);
@@ -166,6 +203,84 @@ impl Drop for Lab {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// A background job in a lab's namespace (see [`Lab::spawn_sh`]): its whole process group is
+/// killed (by the group id, which is the job's own pid) and reaped on drop.
+pub struct NsJob {
+    child: Child,
+    script: String,
+    status: Option<ExitStatus>,
+}
+
+impl NsJob {
+    /// True while the job has not exited.
+    pub fn running(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_none()
+    }
+
+    /// Waits for the job to exit, at most `limit` (then kills it); returns its exit status
+    /// (`None` if it had to be killed), stdout and stderr.
+    pub fn finish(mut self, limit: Duration) -> (Option<ExitStatus>, String, String) {
+        let end = Instant::now() + limit;
+        while self.running() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.running() {
+            eprintln!(
+                "job {:?} still running after {limit:?}: killing it",
+                self.script
+            );
+            self.kill_group();
+        }
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (self.status, out, err)
+    }
+
+    fn kill_group(&mut self) {
+        if self.status.is_some() {
+            return;
+        }
+        // The group id is the job's pid (process_group(0)); it is not reaped yet, so neither
+        // id can have been reused.
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for NsJob {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+/// SHA-256 (hex) of `n` bytes where byte i is `i mod 251` (what the http service's
+/// `/bytes/N` serves).
+pub fn bytes_sha256(n: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut pattern = vec![0u8; 251 * 4096];
+    for (i, b) in pattern.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let mut h = Sha256::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(pattern.len() as u64) as usize;
+        h.update(&pattern[..k]);
+        left -= k as u64;
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Server `name` in a status report.

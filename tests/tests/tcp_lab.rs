@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_tests::harness::Watchdog;
-use keepnet_tests::lab::{binary, counter, root_or_skip, Lab, KEEPNET_IP};
+use keepnet_tests::lab::{binary, bytes_sha256, counter, root_or_skip, Lab, KEEPNET_IP};
 
 const KERNEL_IP: &str = "198.18.0.1";
 const GIB: u64 = 1 << 30;
@@ -55,23 +55,6 @@ impl Drop for Bg {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// SHA-256 (hex) of `n` bytes where byte i is `i mod 251` (what `/bytes/N` serves).
-fn bytes_sha256(n: u64) -> String {
-    use sha2::{Digest, Sha256};
-    let mut pattern = vec![0u8; 251 * 4096];
-    for (i, b) in pattern.iter_mut().enumerate() {
-        *b = (i % 251) as u8;
-    }
-    let mut h = Sha256::new();
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(pattern.len() as u64) as usize;
-        h.update(&pattern[..k]);
-        left -= k as u64;
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {

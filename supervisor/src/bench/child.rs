@@ -2,6 +2,7 @@
 //! exit path.
 
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,15 @@ pub fn run_bounded(
     cmd: &mut Command,
     limit: Duration,
 ) -> Result<(Option<ExitStatus>, String, String)> {
+    run_bounded_or_cancel(cmd, limit, &AtomicBool::new(false))
+}
+
+/// [`run_bounded`], and the command is also killed as soon as another thread sets `cancel`.
+pub fn run_bounded_or_cancel(
+    cmd: &mut Command,
+    limit: Duration,
+    cancel: &AtomicBool,
+) -> Result<(Option<ExitStatus>, String, String)> {
     let what = format!("{cmd:?}");
     let child = cmd
         .stdin(Stdio::null())
@@ -54,7 +64,7 @@ pub fn run_bounded(
         }
         // On an interrupt the guard kills and reaps it.
         interrupt::check()?;
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || cancel.load(Ordering::Relaxed) {
             break None;
         }
         std::thread::sleep(Duration::from_millis(2));

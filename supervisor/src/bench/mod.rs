@@ -7,6 +7,7 @@ pub mod interrupt;
 pub mod ipc;
 pub mod ping;
 pub mod probe;
+pub mod recovery;
 #[cfg(feature = "smoltcp-bench")]
 pub mod smol;
 pub mod stats;
@@ -27,5 +28,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchTarget::Ping(a) => ping::run(a.json, a.count),
         BenchTarget::Udp(a) => udp::run(a),
         BenchTarget::Tcp(a) => tcp::run(a),
+        BenchTarget::Recovery(a) => recovery::run(a),
     }
 }

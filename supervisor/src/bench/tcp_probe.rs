@@ -22,7 +22,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
@@ -45,6 +45,8 @@ pub const MAX_COUNT: u64 = 10_000_000;
 pub const MAX_RR_SIZE: usize = 1 << 20;
 pub const MAX_THREADS: usize = 64;
 pub const MAX_TIMEOUT_S: f64 = 3600.0;
+/// Widest timeline bucket, in ms (the narrowest is 1 ms).
+pub const MAX_TIMELINE_MS: u64 = 10_000;
 /// How long one blocking socket call waits before the caller looks at its deadline again.
 pub const IO_SLICE: Duration = Duration::from_millis(200);
 /// The largest HTTP response head the probe accepts.
@@ -129,6 +131,11 @@ pub struct BulkRecvArgs {
     /// stream's, `sha256_per_stream`: each one's).
     #[arg(long)]
     pub http: bool,
+    /// Also record the bytes received (all streams together) per bucket of MS milliseconds
+    /// from the start, and report them (`timeline`, with `timeline_ms` and
+    /// `timeline_start_ns`, the start on CLOCK_MONOTONIC, which every process shares).
+    #[arg(long, value_name = "MS")]
+    pub timeline_ms: Option<u64>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -224,6 +231,9 @@ impl Mode {
             Mode::BulkRecv(a) => {
                 check_range("bytes", a.bytes, 1, MAX_BYTES)?;
                 check_range("streams", a.streams, 1, MAX_STREAMS)?;
+                if let Some(ms) = a.timeline_ms {
+                    check_range("timeline-ms", ms, 1, MAX_TIMELINE_MS)?;
+                }
                 a.common.validate()
             }
             Mode::Echo(a) => {
@@ -291,6 +301,16 @@ pub struct TcpProbeSummary {
     /// bulk-recv --http: body bytes that were not i % 251.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern_errors: Option<u64>,
+    /// bulk-recv --timeline-ms: the bucket width in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline_ms: Option<u64>,
+    /// bulk-recv --timeline-ms: CLOCK_MONOTONIC (ns) at the start of bucket 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline_start_ns: Option<u64>,
+    /// bulk-recv --timeline-ms: bytes received in each bucket, all streams together (HTTP:
+    /// body bytes), from bucket 0 to the one in which the run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<u64>>,
     /// echo: connections asked for, and how they ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conns: Option<usize>,
@@ -745,6 +765,60 @@ fn finish_bulk(s: &mut TcpProbeSummary, start: Instant, ends: Vec<StreamEnd>) {
 // ---------------------------------------------------------------------------------------
 // bulk-recv
 
+/// Bytes received per fixed-width bucket of time since a start, shared by the streams of a
+/// run (a relaxed add per read).
+#[derive(Debug)]
+pub struct Timeline {
+    start: Instant,
+    start_ns: u64,
+    bucket: Duration,
+    buckets: Vec<AtomicU64>,
+}
+
+impl Timeline {
+    /// A timeline from now, with buckets of `bucket` covering `span` (later bytes are not
+    /// counted).
+    pub fn new(bucket: Duration, span: Duration) -> Timeline {
+        let bucket = bucket.max(Duration::from_millis(1));
+        let n = (span.as_nanos() / bucket.as_nanos()).saturating_add(1);
+        Timeline {
+            start: Instant::now(),
+            start_ns: super::stats::monotonic_ns(),
+            bucket,
+            buckets: (0..usize::try_from(n).unwrap_or(0))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    fn index(&self, at: Instant) -> usize {
+        let i = at.saturating_duration_since(self.start).as_nanos() / self.bucket.as_nanos();
+        usize::try_from(i).unwrap_or(usize::MAX)
+    }
+
+    /// Counts `n` bytes received now.
+    pub fn add(&self, n: u64) {
+        if let Some(b) = self.buckets.get(self.index(Instant::now())) {
+            b.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The start on CLOCK_MONOTONIC, in ns.
+    pub fn start_ns(&self) -> u64 {
+        self.start_ns
+    }
+
+    /// The counts from bucket 0 to the one holding `end`.
+    pub fn counts(&self, end: Instant) -> Vec<u64> {
+        let last = self.index(end).min(self.buckets.len().saturating_sub(1));
+        self.buckets
+            .iter()
+            .take(last + 1)
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
 /// Where a response head ends (the index after `\r\n\r\n`).
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
@@ -799,8 +873,14 @@ fn recv_stream(
     http: bool,
     to: SocketAddr,
     pattern: &Pattern,
+    timeline: Option<&Timeline>,
     b: Bound,
 ) -> (RecvEnd, Instant, Option<std::io::Error>) {
+    let count = |got: u64| {
+        if let Some(t) = timeline {
+            t.add(got);
+        }
+    };
     let mut end = RecvEnd::default();
     let mut buf = vec![0u8; CHUNK];
     let r = (|| {
@@ -814,7 +894,10 @@ fn recv_stream(
                             "the source closed early",
                         ))
                     }
-                    got => end.bytes += got as u64,
+                    got => {
+                        end.bytes += got as u64;
+                        count(got as u64);
+                    }
                 }
             }
             return Ok(());
@@ -862,6 +945,7 @@ fn recv_stream(
             end.pattern_errors += pattern.errors(end.bytes, data);
             hash.update(data);
             end.bytes += data.len() as u64;
+            count(data.len() as u64);
             Ok(())
         };
         take(head.get(body_start..).unwrap_or(&[]), &mut end)?;
@@ -896,12 +980,19 @@ pub fn bulk_recv(a: &BulkRecvArgs) -> TcpProbeSummary {
     };
     let pattern = &Pattern::default();
     let start = Instant::now();
+    let timeline = a.timeline_ms.map(|ms| {
+        Timeline::new(
+            Duration::from_millis(ms),
+            b.deadline.saturating_duration_since(start),
+        )
+    });
+    let tl = timeline.as_ref();
     let results: Vec<(RecvEnd, Instant, Option<std::io::Error>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = streams
             .into_iter()
             .zip(shares(a.bytes, a.streams))
             .map(|(mut st, n)| {
-                sc.spawn(move || recv_stream(&mut st, n, a.http, a.from, pattern, b))
+                sc.spawn(move || recv_stream(&mut st, n, a.http, a.from, pattern, tl, b))
             })
             .collect();
         hs.into_iter()
@@ -931,6 +1022,12 @@ pub fn bulk_recv(a: &BulkRecvArgs) -> TcpProbeSummary {
         if hashes.len() > 1 {
             s.sha256_per_stream = Some(hashes);
         }
+    }
+    let end = ends.iter().map(|e| e.1).max().unwrap_or(start);
+    if let Some(t) = &timeline {
+        s.timeline_ms = a.timeline_ms;
+        s.timeline_start_ns = Some(t.start_ns());
+        s.timeline = Some(t.counts(end));
     }
     finish_bulk(&mut s, start, ends);
     if errors > 0 {
@@ -1475,6 +1572,7 @@ mod tests {
                 bytes: n,
                 streams: k + 1,
                 http: false,
+                timeline_ms: None,
                 common: c(),
             });
             assert!(
@@ -1489,6 +1587,7 @@ mod tests {
             bytes: n,
             streams: 1,
             http: true,
+            timeline_ms: None,
             common: c(),
         });
         assert!(s.passed && s.pattern_errors == Some(0), "{s:?}");
@@ -1498,9 +1597,15 @@ mod tests {
             bytes: n,
             streams: 3,
             http: true,
+            timeline_ms: Some(1),
             common: c(),
         });
         assert!(s.passed, "{s:?}");
+        // Every body byte is in the timeline, once.
+        let tl = s.timeline.clone().unwrap_or_default();
+        assert_eq!(tl.iter().sum::<u64>(), n, "{s:?}");
+        assert_eq!(s.timeline_ms, Some(1));
+        assert!(s.timeline_start_ns.is_some_and(|t| t > 0));
         let per = s.sha256_per_stream.clone().unwrap_or_default();
         let want: Vec<String> = shares(n, 3).into_iter().map(sha_of_pattern).collect();
         assert_eq!(per, want);
@@ -1748,6 +1853,7 @@ mod tests {
             bytes: 10,
             streams: 1,
             http: true,
+            timeline_ms: None,
             common: common(5.0, None),
         });
         let _ = h.join();
@@ -1768,6 +1874,7 @@ mod tests {
             bytes: 1000,
             streams: 1,
             http: true,
+            timeline_ms: None,
             common: common(5.0, None),
         });
         let _ = h.join();

@@ -1,10 +1,18 @@
 //! `keepnet demo`: the main job with no setup. A private namespace, keepnet up inside it,
-//! traffic from the Linux kernel on the other side of the TAP, a report, and teardown on every
-//! exit path.
+//! traffic from the Linux kernel on the other side of the TAP (ping, UDP echo, a TCP
+//! download, and a download during which each server is killed and comes back), a report,
+//! and teardown on every exit path.
+
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use super::client::{self, ClientError};
 use super::instance::Instance;
 use super::lab;
+use crate::config::SERVERS;
 
 fn step(title: &str) {
     println!("\n== {title}");
@@ -143,6 +151,19 @@ pub fn run() -> Result<(), ClientError> {
     );
     let tcp_ok = curl_ok && got == want;
 
+    const CRASH_DOWNLOAD: u64 = 2 << 30;
+    step(&format!(
+        "crash recovery: `keepnet kill` (SIGKILL) each server in turn in the middle of a download \
+         of http://{target}/bytes/{CRASH_DOWNLOAD} by curl, whose SHA-256 is checked at the end"
+    ));
+    let crash_ok = match crashes_during_a_download(&exe, &path, &netns, &target, CRASH_DOWNLOAD) {
+        Ok(ok) => ok,
+        Err(e) => {
+            println!("crash recovery step failed: {e}");
+            false
+        }
+    };
+
     step("the kernel's neighbour table: keepnet's MAC");
     if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {
         print!("{neigh}");
@@ -185,7 +206,15 @@ pub fn run() -> Result<(), ClientError> {
             "FAILED OR CORRUPT"
         }
     );
-    if ok && ok_big && udp_ok && tcp_ok && gone {
+    println!(
+        "crash recovery: {}",
+        if crash_ok {
+            "each server killed mid-download and back; download complete, SHA-256 right"
+        } else {
+            "FAILED (see above)"
+        }
+    );
+    if ok && ok_big && udp_ok && tcp_ok && crash_ok && gone {
         println!("demo: OK");
         Ok(())
     } else {
@@ -193,4 +222,192 @@ pub fn run() -> Result<(), ClientError> {
             "demo: some step failed (see above)".into(),
         ))
     }
+}
+
+/// A shell pipeline in a namespace, in a process group of its own: the whole group is killed
+/// (by its id, the pipeline's own pid) and reaped on drop.
+struct Pipeline {
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl Pipeline {
+    fn start(netns: &str, script: &str) -> Result<Pipeline, ClientError> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|source| ClientError::Io {
+                what: "start curl in the namespace".into(),
+                source,
+            })?;
+        Ok(Pipeline {
+            child,
+            status: None,
+        })
+    }
+
+    fn running(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_none()
+    }
+
+    /// Waits at most `limit` (then kills the group); returns stdout and stderr.
+    fn finish(mut self, limit: Duration) -> (String, String) {
+        let end = Instant::now() + limit;
+        while self.running() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        let (mut out, mut err) = (String::new(), String::new());
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (out, err)
+    }
+
+    fn kill(&mut self) {
+        if self.running() {
+            let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            self.status = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One server in a status report, as JSON (so fields this build may lack are just absent).
+fn server_json(config: &Path, name: &str) -> Result<serde_json::Value, ClientError> {
+    let report = client::status(Some(config))?;
+    let v = serde_json::to_value(&report).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    v["servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .cloned()
+        .ok_or_else(|| ClientError::Protocol(format!("status lists no server {name}")))
+}
+
+/// Kills each server with `keepnet kill` during a curl download, printing for each the
+/// recovery time from status; true if every server came back while the download was under
+/// way and the download completed with the right SHA-256.
+fn crashes_during_a_download(
+    exe: &Path,
+    config: &Path,
+    netns: &str,
+    target: &str,
+    bytes: u64,
+) -> Result<bool, ClientError> {
+    let mut dl = Pipeline::start(
+        netns,
+        &format!(
+            "{{ curl -sS --fail --max-time 150 http://{target}/bytes/{bytes}; \
+             echo curl_exit=$? >&2; }} | sha256sum"
+        ),
+    )?;
+    let gen_of = |name: &str| -> Result<u64, ClientError> {
+        Ok(server_json(config, name)?["generation"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let first: Vec<u64> = SERVERS
+        .iter()
+        .map(|n| gen_of(n))
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut all_back = true;
+    let mut all_mid = true;
+    for name in SERVERS {
+        let gen = server_json(config, name)?["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        let mid = dl.running();
+        all_mid &= mid;
+        let mut kill = Command::new(exe);
+        kill.args(["kill", name, "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn");
+        let (status, out, err) =
+            crate::bench::child::run_bounded(&mut kill, Duration::from_secs(10))
+                .map_err(|e| ClientError::Protocol(format!("keepnet kill {name}: {e}")))?;
+        if !status.is_some_and(|s| s.success()) {
+            println!("keepnet kill {name} failed: {}{}", out.trim(), err.trim());
+            all_back = false;
+            continue;
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        let back = loop {
+            let s = server_json(config, name)?;
+            if s["generation"].as_u64().unwrap_or(0) > gen && s["state"] == "running" {
+                break Some(s);
+            }
+            if Instant::now() >= end {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        match back {
+            Some(s) => println!(
+                "{}: serving again after {} (status: last_recovery_us), generation {}{}",
+                out.trim(),
+                s["last_recovery_us"]
+                    .as_u64()
+                    .map_or("? ms".into(), |us| format!("{:.2} ms", us as f64 / 1000.0)),
+                s["generation"],
+                if mid {
+                    ""
+                } else {
+                    " (the download had already ended)"
+                }
+            ),
+            None => {
+                println!("{}: NOT serving again within 10 s", out.trim());
+                all_back = false;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (out, err) = dl.finish(Duration::from_secs(160));
+    // Restarts beyond the one kill each (a hang the supervisor saw, say) cost no connection
+    // either, but they are not what was asked for: say so.
+    for (name, g0) in SERVERS.iter().zip(&first) {
+        let s = server_json(config, name)?;
+        let extra = s["generation"].as_u64().unwrap_or(0).saturating_sub(g0 + 1);
+        if extra > 0 {
+            println!(
+                "NOTE: {name} was also restarted {extra} more time(s) during this step (last \
+                 exit: {})",
+                s["last_exit"]
+            );
+        }
+    }
+    let curl_exit = err
+        .lines()
+        .find_map(|l| l.strip_prefix("curl_exit="))
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_string();
+    for l in err.lines().filter(|l| !l.starts_with("curl_exit=")) {
+        eprintln!("{l}");
+    }
+    let got = out.split_whitespace().next().unwrap_or("").to_string();
+    let right = got == crate::bench::tcp::pattern_sha256(bytes);
+    println!(
+        "download of {bytes} bytes through the four crashes: curl exit {curl_exit}, sha256 {got} \
+         ({})",
+        if right { "right" } else { "WRONG" }
+    );
+    Ok(all_back && all_mid && curl_exit == "0" && right)
 }

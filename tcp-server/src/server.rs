@@ -63,7 +63,7 @@ use keepnet_server::app::{
 };
 use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP};
-use keepnet_server::{Boot, ControlBlock, Progress, Server, ServerError};
+use keepnet_server::{Boot, ControlBlock, Progress, Scribbler, Server, ServerError};
 use serde::Deserialize;
 use tracing::{debug, info, warn};
 
@@ -2460,6 +2460,25 @@ impl Server for TcpServer {
             next = Some(next.map_or(self.next_listen_tick, |t| t.min(self.next_listen_tick)));
         }
         next.map(|t| Duration::from_micros(t.saturating_sub(now)))
+    }
+
+    fn scribble(&mut self, garbage: &mut Scribbler) -> usize {
+        let mut n = garbage.fill(&mut self.ends.send, Scribbler::datagram);
+        n += garbage.fill(&mut self.ends.deliver_return, Scribbler::descriptor);
+        for c in self.apps.values_mut() {
+            n += garbage.fill(&mut c.ends.events, |g| AppEvent {
+                kind: (g.next_u64() % 10) as u32,
+                id: g.next_u64() as u32,
+                socket: g.next_u64() as u32,
+                status: (g.next_u64() % 20) as u32,
+                addr: g.next_u64() as u32,
+                port: g.next_u64() as u16,
+                _pad: 0,
+                desc: g.descriptor(),
+            });
+            n += garbage.fill(&mut c.ends.tx_return, Scribbler::descriptor);
+        }
+        n
     }
 
     fn hotplug(&mut self) -> Result<u64, ServerError> {

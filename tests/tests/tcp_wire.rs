@@ -124,8 +124,9 @@ fn two_constellations_over_a_lossy_memory_wire_echo_64_mib_intact() {
     );
 }
 
-/// Issue 6 without root: both constellations' servers are killed (`keepnet kill`, SIGKILL)
-/// at seeded random moments while an application on b echoes 96 MiB through a's echo
+/// Issue 6 without root: both constellations' servers are killed (`keepnet kill`: SIGKILL,
+/// or one time in four `--scribble`, garbage on their rings before an abort) at seeded random
+/// moments while an application on b echoes 96 MiB through a's echo
 /// service. Both ends of the TCP connection live through restarts of their own tcp, ip
 /// and driver servers, and every byte comes back intact and in order.
 #[test]
@@ -198,9 +199,16 @@ fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
             std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
             let side = if rng.below(2) == 0 { &a } else { &b };
             let server = servers[rng.below(servers.len() as u64) as usize];
-            if side.keepnet(&["kill", server]).status.success() {
+            // One kill in four is a scribble: garbage on every ring the server produces on,
+            // then an abort; its neighbours (and the applications) must shrug it off.
+            let how = if rng.below(4) == 0 {
+                "--scribble"
+            } else {
+                "--signal=KILL"
+            };
+            if side.keepnet(&["kill", server, how]).status.success() {
                 kills += 1;
-                eprintln!("kill {kills}: {server} at {:?}", start.elapsed());
+                eprintln!("kill {kills}: {server} {how} at {:?}", start.elapsed());
             }
         } else {
             std::thread::sleep(Duration::from_millis(50));

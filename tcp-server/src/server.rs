@@ -63,8 +63,8 @@ use keepnet_server::app::{
 };
 use keepnet_server::control::{monotonic_ns, Counter};
 use keepnet_server::wiring::{DatagramSlot, TransportEnds, TransportLink, DATAGRAM_BUF, IP, TCP};
-use keepnet_server::{Boot, ControlBlock, Progress, Scribbler, Server, ServerError};
-use serde::Deserialize;
+use keepnet_server::{codec, Boot, ControlBlock, Progress, Scribbler, Server, ServerError};
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::cc::CcAlgo;
@@ -82,6 +82,21 @@ use crate::wire::{Flags, TcpRepr, TcpSegment, WireError};
 
 /// IP protocol number of TCP.
 pub const PROTO_TCP: u8 = 6;
+/// Version of the live-update snapshot format this build writes (and the newest it reads).
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The live-update snapshot (format 1). Connection state lives in the shared table; the
+/// snapshot carries the process's own bookkeeping and, per socket, what the successor checks
+/// the table against before it takes over (a snapshot that does not match is refused whole).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct SnapshotV1 {
+    ephemeral_cursor: u16,
+    next_listen_tick: u64,
+    /// (slot, generation, bytes appended to the send ring, bytes handed to the application).
+    conns: Vec<(u32, u32, u64, u64)>,
+    /// (slot, generation, port).
+    listeners: Vec<(u32, u32, u16)>,
+}
 
 /// Environment variable holding the JSON configuration.
 pub const CONFIG_ENV: &str = "KEEPNET_TCP_CONFIG";
@@ -2462,6 +2477,75 @@ impl Server for TcpServer {
         next.map(|t| Duration::from_micros(t.saturating_sub(now)))
     }
 
+    fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
+        let mut conns = Vec::new();
+        for i in 0..self.state.conn_hwm() {
+            let m = self.state.conn_meta(i);
+            if m.used == 1 {
+                conns.push((i, m.gen, m.snd_appended, m.rcv_popped));
+            }
+        }
+        let mut listeners = Vec::new();
+        for (&port, &i) in &self.listen_index {
+            listeners.push((i, self.state.listen_meta(i).gen, port));
+        }
+        listeners.sort_unstable();
+        let snap = SnapshotV1 {
+            ephemeral_cursor: self.ephemeral_cursor,
+            next_listen_tick: self.next_listen_tick,
+            conns,
+            listeners,
+        };
+        codec::encode("tcp", SNAPSHOT_FORMAT, env!("CARGO_PKG_VERSION"), &snap)
+            .map_err(|e| ServerError::Snapshot(e.to_string()))
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
+        let snap = codec::decode(snapshot, "tcp", 1..=SNAPSHOT_FORMAT)
+            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        let s: SnapshotV1 = snap
+            .state()
+            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        // Everything is checked before anything is applied.
+        let refuse = |why: String| Err(ServerError::Restore(why));
+        let live = (0..self.state.conn_hwm())
+            .filter(|&i| self.state.conn_meta(i).used == 1)
+            .count();
+        if live != s.conns.len() {
+            return refuse(format!(
+                "the snapshot has {} connections, the shared table {live}",
+                s.conns.len()
+            ));
+        }
+        for &(slot, gen, appended, popped) in &s.conns {
+            let m = self.state.conn_meta(slot);
+            if m.used != 1 || m.gen != gen || m.snd_appended != appended || m.rcv_popped != popped {
+                return refuse(format!(
+                    "connection slot {slot} of the snapshot does not match the shared table"
+                ));
+            }
+        }
+        if s.listeners.len() != self.listen_index.len() {
+            return refuse(format!(
+                "the snapshot has {} listeners, the shared table {}",
+                s.listeners.len(),
+                self.listen_index.len()
+            ));
+        }
+        for &(slot, gen, port) in &s.listeners {
+            if self.listen_index.get(&port) != Some(&slot)
+                || self.state.listen_meta(slot).gen != gen
+            {
+                return refuse(format!(
+                    "listener on port {port} does not match the shared table"
+                ));
+            }
+        }
+        self.ephemeral_cursor = s.ephemeral_cursor;
+        self.next_listen_tick = s.next_listen_tick;
+        Ok(())
+    }
+
     fn scribble(&mut self, garbage: &mut Scribbler) -> usize {
         let mut n = garbage.fill(&mut self.ends.send, Scribbler::datagram);
         n += garbage.fill(&mut self.ends.deliver_return, Scribbler::descriptor);
@@ -2516,6 +2600,73 @@ mod tests {
         assert!(parse_config(r#"{"addr":"0.0.0.0"}"#).is_err());
         assert!(parse_config(r#"{"addr":"198.18.0.2","cc":"bbr"}"#).is_err());
         assert!(parse_config(r#"{"addr":"198.18.0.2","delack_ms":600}"#).is_err());
+    }
+
+    fn server_on(link: &TransportLink, table: &TcpState, control: &ControlBlock) -> TcpServer {
+        let cfg = parse_config(r#"{"addr":"198.18.0.2"}"#).unwrap();
+        let link = TransportLink::open_for(
+            link.region().reopen(RegionKind::RINGS).unwrap(),
+            PROTO_TCP,
+            TCP,
+        )
+        .unwrap();
+        let table = TcpState::open(table.region().reopen(RegionKind::GENERIC).unwrap()).unwrap();
+        TcpServer::new(cfg, link, table, None, None, control).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_restores_on_the_same_table_and_anything_else_is_refused() {
+        let link = TransportLink::create("tcp-snap-link", PROTO_TCP, TCP, 64).unwrap();
+        let geo = crate::state::Geometry {
+            conns: 8,
+            listeners: 2,
+            sndbuf: 8192,
+            rcvbuf: 8192,
+        };
+        let mut table = TcpState::create("tcp-snap-table", geo).unwrap();
+        let control = ControlBlock::create("tcp-snap", 1 << 16).unwrap();
+        // A connection in the table (made and checkpointed by "a predecessor").
+        {
+            let (sg, rg) = table.rings(2);
+            let (m, tcb, _, _) = table.conn_mut(2).unwrap();
+            m.used = 1;
+            m.gen = 5;
+            m.snd_appended = 1000;
+            (tcb.snd_ring, tcb.rcv_ring) = (sg, rg);
+        }
+        table.checkpoint();
+        let mut a = server_on(&link, &table, &control);
+        assert_eq!(a.state.conn_meta(2).used, 1, "the connection was recovered");
+        a.ephemeral_cursor = 0xc123;
+        let snap = a.snapshot().unwrap();
+        drop(a);
+        let mut b = server_on(&link, &table, &control);
+        b.restore(&snap).unwrap();
+        assert_eq!(b.ephemeral_cursor, 0xc123);
+        // Tampered bytes: the checksum catches them.
+        let mut bad = snap.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        assert!(b.restore(&bad).is_err());
+        // Another server's snapshot, a truncated one.
+        let udp = codec::encode("udp", 1, "0", &7u32).unwrap();
+        assert!(b.restore(&udp).unwrap_err().to_string().contains("udp"));
+        assert!(b.restore(&snap[..10]).is_err());
+        // A format newer than this build reads.
+        let newer = codec::encode("tcp", SNAPSHOT_FORMAT + 1, "9", &7u32).unwrap();
+        assert!(b.restore(&newer).unwrap_err().to_string().contains("newer"));
+        drop(b);
+        // The table moved on since the snapshot: refused, nothing applied.
+        {
+            let (m, _, _, _) = table.conn_mut(2).unwrap();
+            m.snd_appended = 2000;
+        }
+        table.checkpoint();
+        let mut c = server_on(&link, &table, &control);
+        let cursor = c.ephemeral_cursor;
+        let e = c.restore(&snap).unwrap_err().to_string();
+        assert!(e.contains("does not match"), "{e}");
+        assert_eq!(c.ephemeral_cursor, cursor);
     }
 
     #[test]

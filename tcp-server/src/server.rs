@@ -943,6 +943,20 @@ impl TcpServer {
             v.sort_unstable_by_key(|&(start, _)| start);
             out.requeued += v.len();
             let appended = self.state.conn_meta(slot).snd_appended;
+            let mut at = v.first().map_or(appended, |&(s, _)| s.min(appended));
+            for &(s, d) in &v {
+                if s != at {
+                    warn!(
+                        slot,
+                        appended,
+                        start = s,
+                        expected = at,
+                        index = d.index,
+                        "re-queued SEND buffers leave a gap"
+                    );
+                }
+                at = s + u64::from(d.len);
+            }
             let l = &mut self.local[slot as usize];
             l.pending_app = app;
             for (start, d) in v {
@@ -1450,6 +1464,9 @@ impl TcpServer {
                 && t.handle == req.socket
                 && (t.offset, t.len) == (d.offset, d.len)
         });
+        if earlier.is_some_and(|t| t.start != l.queued_end) || (retake && earlier.is_none()) {
+            warn!(slot, index = d.index, retake, tag = ?earlier, queued_end = l.queued_end, "SEND met again off the queue's end");
+        }
         let start = match earlier {
             Some(t) => t.start,
             None => {

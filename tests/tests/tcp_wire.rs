@@ -126,7 +126,7 @@ fn two_constellations_over_a_lossy_memory_wire_echo_64_mib_intact() {
 
 /// Issue 6 without root: both constellations' servers are killed (`keepnet kill`: SIGKILL,
 /// or one time in four `--scribble`, garbage on their rings before an abort) at seeded random
-/// moments while an application on b echoes 96 MiB through a's echo
+/// moments while an application on b echoes 192 MiB through a's echo
 /// service. Both ends of the TCP connection live through restarts of their own tcp, ip
 /// and driver servers, and every byte comes back intact and in order.
 #[test]
@@ -163,7 +163,7 @@ fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
         .args([
             "echo-client",
             "198.18.8.1:7",
-            &(96u64 << 20).to_string(),
+            &(192u64 << 20).to_string(),
             "33",
         ])
         .env("KEEPNET_RUN_DIR", &b.run_dir)
@@ -196,7 +196,7 @@ fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
             break None;
         }
         if kills < 24 {
-            std::thread::sleep(Duration::from_millis(100 + rng.below(300)));
+            std::thread::sleep(Duration::from_millis(50 + rng.below(250)));
             let side = if rng.below(2) == 0 { &a } else { &b };
             let server = servers[rng.below(servers.len() as u64) as usize];
             // One kill in four is a scribble: garbage on every ring the server produces on,
@@ -226,16 +226,14 @@ fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
     let (ra, rb) = (restarts(&a), restarts(&b));
     // What the servers said about their exits and recoveries, for a failing run.
     for (side, name) in [(&a, &a_name), (&b, &b_name)] {
-        for server in ["tcp", "ip", "driver"] {
+        for server in ["tcp", "ip", "driver", "supervisor"] {
             let log = side.run_dir.join(name).join(format!("{server}.log"));
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             for line in text.lines() {
-                if line.contains("WARN")
-                    || line.contains("ERROR")
-                    || line.contains("panicked")
-                    || line.contains("recovered")
-                    || line.contains("DBG")
-                {
+                // Garbage dropped after a scribble is expected and loud: leave it out.
+                let expected = line.contains("descriptor dropped") || line.contains("scribbled");
+                let news = ["WARN", "ERROR", "panicked", "recovered", "detected"];
+                if !expected && news.iter().any(|w| line.contains(w)) {
                     eprintln!("{name} {server}: {line}");
                 }
             }
@@ -253,6 +251,6 @@ fn connections_over_the_wire_survive_kills_of_every_server_on_both_sides() {
         stdout.starts_with("ok "),
         "echo through kills failed: {stdout}"
     );
-    assert!(kills >= 10, "only {kills} kills landed");
+    assert!(kills >= 8, "only {kills} kills landed");
     assert_eq!(ra + rb, kills, "every kill is one restart");
 }

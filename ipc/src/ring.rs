@@ -142,18 +142,34 @@ fn slot_align<T>() -> usize {
     std::mem::align_of::<T>().max(64)
 }
 
-/// True if a process with this pid exists (an unreaped zombie counts). EPERM means it exists
-/// but belongs to someone else. 0 and values that are not valid pids are never alive (a
-/// negative pid would name a process group).
+/// True if a process with this pid exists and has not exited. EPERM means it exists but
+/// belongs to someone else. 0 and values that are not valid pids are never alive (a negative
+/// pid would name a process group). A zombie (exited, not yet reaped) is not alive: it can
+/// touch no shared memory any more. This matters for a process whose parent is gone (a
+/// server re-adopted after its supervisor died): its reaper is init, which may reap it late
+/// or, in a container, never.
 pub fn process_alive(pid: u32) -> bool {
     if pid == 0 || pid > i32::MAX as u32 {
         return false;
     }
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None) {
-        Ok(()) => true,
-        Err(nix::errno::Errno::EPERM) => true,
+        Ok(()) => !is_zombie(pid),
+        Err(nix::errno::Errno::EPERM) => !is_zombie(pid),
         Err(_) => false,
     }
+}
+
+/// True if /proc says process `pid` has exited and waits to be reaped (state Z or X). False
+/// where /proc cannot say.
+fn is_zombie(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": the command name may hold anything, parentheses included.
+    stat.rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .and_then(|rest| rest.split_whitespace().next())
+        .is_some_and(|state| matches!(state, "Z" | "X" | "x"))
 }
 
 /// How a side was claimed.
@@ -704,5 +720,29 @@ impl<T: Pod> Drop for Consumer<T> {
             Ordering::AcqRel,
             Ordering::Relaxed,
         );
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::process_alive;
+
+    #[test]
+    fn a_zombie_holds_nothing() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        // Exited but not reaped: a zombie until the wait below.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(child.id()) {
+            assert!(
+                std::time::Instant::now() < end,
+                "an exited child still counts as alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(child.wait().expect("wait").success());
     }
 }

@@ -20,6 +20,10 @@
 //! the region: an app that corrupts its own rings or pools only loses its own traffic.
 //!
 //! Addresses in slots are IPv4 in host order (`u32::from(Ipv4Addr)`), ports in host order.
+//!
+//! The control connection an application attached over ([`Attached`]) stays open for its
+//! life; the supervisor writes [`AppNotice`] lines on it when the application's transport
+//! server fails for good (restart limit reached) and when it serves again.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -611,7 +615,8 @@ pub fn control_socket(instance: &str) -> std::path::PathBuf {
 /// What the supervisor answers an `{"op":"attach","protocol":17}` request with, as the JSON
 /// line `{"result":"attached", ...these fields}`. Two fds come with the line (SCM_RIGHTS):
 /// the application's region, then the eventfd of the server's doorbell. The connection stays
-/// open: closing it (or exiting) detaches the application.
+/// open: closing it (or exiting) detaches the application. From then on the supervisor may
+/// write [`AppNotice`] lines on it; the application writes nothing more.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Attached {
     /// The application id.
@@ -620,6 +625,32 @@ pub struct Attached {
     pub addr: String,
     /// The link MTU.
     pub mtu: u32,
+}
+
+/// A notification the supervisor writes, as one JSON line, on the control connection of
+/// every application attached to a transport server, after the attach answer. The data path
+/// never goes through the supervisor; these tell an application what it cannot see on its
+/// rings: that its server is gone for good, and that it is back.
+///
+/// * `{"event":"server_failed","server":"tcp","detail":"restart limit reached: ..."}`: the
+///   server is down and will not be restarted (its restart intensity limit was reached, or
+///   it stopped under `restart = "transient"`). The library fails every call on that
+///   server's sockets at once, the blocked ones included, with `ConnectionAborted` saying
+///   "keepnet: the tcp server is down (DETAIL)".
+/// * `{"event":"server_back","server":"tcp"}`: a new instance of a server that had failed
+///   serves again (after a restart of every server): calls go through again. Sockets made
+///   before may be gone (the server answers `BadSocket`).
+///
+/// Lines are written without blocking: a connection whose buffer is full misses them. An
+/// event the application does not know is ignored; EOF on the connection (the supervisor
+/// exited, and a restarted one re-adopts the servers) changes nothing on the data path.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AppNotice {
+    /// Server `server` ("udp", "tcp") is down for good: `detail` says why.
+    ServerFailed { server: String, detail: String },
+    /// Server `server` serves again after having failed.
+    ServerBack { server: String },
 }
 
 /// A message on a server's hotplug socket (a SOCK_SEQPACKET pair inherited as fd `hotplug`),
@@ -682,6 +713,26 @@ mod tests {
         let t = crate::wiring::TransportLink::create("t-app-not", 17, UDP, 4).unwrap();
         assert!(AppLink::open(t.region().reopen(RegionKind::RINGS).unwrap()).is_err());
         assert!(AppLink::create("t-app-bad", 1, 17, UDP, 0, 4).is_err());
+    }
+
+    #[test]
+    fn app_notices_are_json_lines() {
+        let m = AppNotice::ServerFailed {
+            server: "tcp".into(),
+            detail: "restart limit reached".into(),
+        };
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"event":"server_failed","server":"tcp","detail":"restart limit reached"}"#
+        );
+        assert_eq!(serde_json::from_str::<AppNotice>(&s).unwrap(), m);
+        let b = AppNotice::ServerBack {
+            server: "udp".into(),
+        };
+        let s = serde_json::to_string(&b).unwrap();
+        assert_eq!(s, r#"{"event":"server_back","server":"udp"}"#);
+        assert!(serde_json::from_str::<AppNotice>(r#"{"event":"other"}"#).is_err());
     }
 
     #[test]

@@ -5,12 +5,18 @@
 //! |---|---|
 //! | `KEEPNET_CONTROL_FD` | fd number of the server's control region (inherited) |
 //! | `KEEPNET_REGIONS` | other inherited regions, `name=fd,name=fd` |
-//! | `KEEPNET_FDS` | other inherited fds (eventfds, devices), `name=fd,name=fd`; `bell` is the eventfd of this server's own doorbell, `bell.NAME` a peer's |
+//! | `KEEPNET_FDS` | other inherited fds (eventfds, devices, sockets), `name=fd,name=fd`; `bell` is the eventfd of this server's own doorbell, `bell.NAME` a peer's, `hotplug` the server's end of its hotplug socket and `hotplug.supervisor` the supervisor's (kept, never used) |
 //! | `KEEPNET_CORE` | core to pin to, or `none` |
 //! | `KEEPNET_SPIN_NS` | spin budget before parking, in ns, or `forever` (dedicated core) |
 //! | `KEEPNET_PARK_TIMEOUT_MS` | longest park; bounds the heartbeat period while idle |
 //! | `KEEPNET_STANDBY` | `1`: start as a live-update successor and wait for the handover |
 //! | `KEEPNET_LOG` | tracing filter (`info`, `keepnet=debug`, ...) |
+//!
+//! Every inherited fd stays open at its number for the life of the process, whether the
+//! server took it or not (regions, eventfds, the TAP, both ends of the hotplug socket): the
+//! supervisor may die, and the one started after it gets each fd back from the servers
+//! (pidfd_getfd(2), the numbers from /proc/PID/environ). A server never closes and reuses
+//! the number of an fd it was handed.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -213,9 +219,28 @@ impl Boot {
         }
     }
 
-    pub(crate) fn into_parts(self) -> (ControlBlock, RunOptions) {
+    /// The control block and run options; every inherited fd no part of the server took is
+    /// kept open for the life of the process (see [`keep_for_life`]).
+    pub(crate) fn into_parts(mut self) -> (ControlBlock, RunOptions) {
+        let left = std::mem::take(&mut self.regions)
+            .into_values()
+            .chain(std::mem::take(&mut self.fds).into_values());
+        keep_for_life(left);
         (self.control, self.options)
     }
+}
+
+/// Inherited fds nobody took, open until the process exits.
+static KEPT: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `fds` open until the process exits. Every fd the supervisor hands a server stays
+/// open in it for its whole life, taken or not (the supervisor's end of the hotplug socket,
+/// `hotplug.supervisor`, is one no server uses): a supervisor that dies loses nothing, and
+/// its successor fetches each one back from the server with pidfd_getfd(2), at the number
+/// the server's environment names.
+pub fn keep_for_life(fds: impl IntoIterator<Item = OwnedFd>) {
+    let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    kept.extend(fds);
 }
 
 fn named_fds(var_name: &'static str) -> Result<BTreeMap<String, OwnedFd>, BootError> {

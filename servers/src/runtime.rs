@@ -233,7 +233,6 @@ pub fn run<S: Server>(
     control.reset_first_batch();
     control.set_state(ServerState::Running);
     info!(generation, core = ?pinned, spin = ?opts.spin, "serving");
-    normal_priority();
 
     let bell = control.doorbell().clone();
     let mut running = true;
@@ -344,21 +343,6 @@ pub fn run<S: Server>(
         };
         if outcome == WaitOutcome::TimedOut {
             continue;
-        }
-    }
-}
-
-/// The supervisor starts a server at a raised priority so a restart does not queue behind
-/// busy applications; once serving it competes like any process again.
-#[allow(unsafe_code)]
-fn normal_priority() {
-    // SAFETY: getpriority/setpriority on this process only; errno is reset first as
-    // getpriority(2) requires, and a failure leaves the priority as it was.
-    unsafe {
-        *nix::libc::__errno_location() = 0;
-        let now = nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0);
-        if now < 0 && *nix::libc::__errno_location() == 0 {
-            nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 0);
         }
     }
 }

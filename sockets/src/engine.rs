@@ -14,23 +14,34 @@
 //! a thread whose pump moved something wakes the others, and no park lasts longer than a
 //! slice: every waiter makes progress even if a wake-up is lost between two of them.
 //!
+//! The supervisor's control connection (kept open so that its EOF tells the supervisor the
+//! application is gone) also carries notifications ([`AppNotice`]): `server_failed` when the
+//! server is down for good, `server_back` when it serves again. Nothing reads it on the fast
+//! path: a call looks at it (a non-blocking read, at most every [`CONTROL_EVERY`] for the
+//! whole attachment) only when it found nothing to do and is about to park or to return
+//! `WouldBlock`. A parked call wakes at least every [`WAIT_SLICE`], so a blocked call learns
+//! of a failure within about 30 ms. While the server is down every call that would move data
+//! or ask the server something fails at once ([`Engine::down_error`], one atomic load per
+//! call); EOF on the connection (the supervisor died; a new one re-adopts the servers)
+//! changes nothing.
+//!
 //! The udp attachment ([`crate::Stack`]) and the tcp one ([`crate::TcpStack`]) are this
 //! engine with a [`Protocol`] each; [`attachment!`] gives both the same public surface.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, Read};
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use keepnet_ipc::{
     BufRef, Descriptor, Doorbell, EndpointId, FreeList, Pod, Retakes, Ring, RingError, SpinPolicy,
 };
-use keepnet_server::app::{event, op, AppEnds, AppEvent, AppLink, AppRequest, Status};
-use tracing::debug;
+use keepnet_server::app::{event, op, AppEnds, AppEvent, AppLink, AppNotice, AppRequest, Status};
+use tracing::{debug, warn};
 
 /// Longest a blocked call parks before it pumps and re-checks on its own.
 pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(20);
@@ -42,6 +53,10 @@ pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_INSTANCE: &str = "default";
 /// The MTU `from_parts` assumes.
 pub(crate) const DEFAULT_MTU: u32 = 1500;
+/// How often at most the attachment looks at its control connection for notifications.
+pub(crate) const CONTROL_EVERY: Duration = Duration::from_millis(10);
+/// Longest notification line kept; a longer one is dropped.
+const MAX_NOTICE: usize = 64 * 1024;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while holding these locks; if something did, the state is still a
@@ -76,6 +91,25 @@ pub(crate) fn unfinished(how: (bool, Option<Duration>), busy: &str, late: &str) 
             format!("{late} ({:?})", t.unwrap_or_default()),
         ),
     }
+}
+
+/// The error of every call on `server`'s sockets while it is down for good (`detail`: why,
+/// as the supervisor said).
+pub(crate) fn server_down(server: &str, detail: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!(
+            "keepnet: the {server} server is down ({detail}); calls on its sockets fail until \
+             it serves again (see `keepnet status`)"
+        ),
+    )
+}
+
+/// The application's end of the control connection, read for notifications.
+struct Control {
+    stream: UnixStream,
+    /// Bytes of a line not yet complete.
+    partial: Vec<u8>,
 }
 
 /// What one transport protocol adds to the engine: its socket table and how the events of
@@ -181,8 +215,18 @@ pub(crate) struct Engine<P: Protocol> {
     /// Bumped by every pump that moved something: a parked thread's wake-up condition.
     progress: AtomicU64,
     inner: Mutex<Inner<P>>,
-    /// The control connection to the supervisor (none for `from_parts`).
-    _control: Option<UnixStream>,
+    /// The control connection to the supervisor (none for `from_parts`), non-blocking; read
+    /// by one thread at a time for notifications.
+    control: Option<Mutex<Control>>,
+    /// False once the control connection reached EOF or failed: nothing more to read.
+    control_open: AtomicBool,
+    /// Nanoseconds since `born` before which nobody looks at the control connection again.
+    control_due: AtomicU64,
+    born: Instant,
+    /// The supervisor said the server is down for good (`server_failed`): every call fails.
+    down: AtomicBool,
+    /// Why (`detail` of the notification).
+    down_detail: Mutex<String>,
 }
 
 fn in_flight<T: Pod>(ring: Result<Ring<T>, RingError>) -> io::Result<Vec<T>> {
@@ -239,6 +283,23 @@ impl<P: Protocol> Engine<P> {
             .with_eventfd(server_eventfd);
         let events_view = link.events().map_err(corrupt)?;
         let tx_return_view = link.tx_return().map_err(corrupt)?;
+        // A connection that cannot be made non-blocking is kept open all the same (its EOF
+        // detaches the app), but not read.
+        let watched = control
+            .as_ref()
+            .is_some_and(|c| match c.set_nonblocking(true) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(%e, "control connection cannot be made non-blocking: not watched");
+                    false
+                }
+            });
+        let control = control.map(|stream| {
+            Mutex::new(Control {
+                stream,
+                partial: Vec::new(),
+            })
+        });
         let engine = Engine {
             me,
             server,
@@ -265,7 +326,12 @@ impl<P: Protocol> Engine<P> {
                 },
                 t: P::table(),
             }),
-            _control: control,
+            control_open: AtomicBool::new(watched),
+            control,
+            control_due: AtomicU64::new(0),
+            born: Instant::now(),
+            down: AtomicBool::new(false),
+            down_detail: Mutex::new(String::new()),
             link,
         };
         {
@@ -449,6 +515,9 @@ impl<P: Protocol> Engine<P> {
         let mut wait = Some(wait);
         let mut until = Wait::Now;
         loop {
+            if let Some(e) = self.down_error() {
+                return Err(e);
+            }
             self.pump(&mut g)?;
             if let Some(r) = check(&mut g) {
                 return r.map(Some);
@@ -457,7 +526,13 @@ impl<P: Protocol> Engine<P> {
                 until = w(&g);
             }
             let slice = match until {
-                Wait::Now => return Ok(None),
+                Wait::Now => {
+                    // Nothing to do for a non-blocking call: a look for a notification
+                    // (rate-limited) before it says `WouldBlock`.
+                    drop(g);
+                    self.watch_control();
+                    return self.down_error().map_or(Ok(None), Err);
+                }
                 Wait::Until(deadline) => match deadline.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => left.min(WAIT_SLICE),
                     _ => return Ok(None),
@@ -467,6 +542,9 @@ impl<P: Protocol> Engine<P> {
             g.c.parked += 1;
             let seen = self.progress.load(Ordering::SeqCst);
             drop(g);
+            // About to park: a look for a notification (rate-limited). One that changes the
+            // server's state bumps `progress`, so the wait below returns at once.
+            self.watch_control();
             let has = |r: Result<(u64, u64), RingError>| r.map_or(true, |(h, t)| h != t);
             self.app_bell
                 .wait(SpinPolicy::spin_for(SPIN), Some(slice), || {
@@ -480,6 +558,125 @@ impl<P: Protocol> Engine<P> {
                 // Leaving the wait cleared the bell's one `sleeping` flag; the others still
                 // wait, so the server's next ring must wake them.
                 self.app_bell.arm();
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Notifications (the control connection)
+    // -----------------------------------------------------------------------------------------
+
+    /// The error every call fails with while the supervisor says the server is down for good;
+    /// None while it serves (one atomic load).
+    pub(crate) fn down_error(&self) -> Option<io::Error> {
+        if !self.down.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(server_down(P::SERVER, &lock(&self.down_detail)))
+    }
+
+    /// Why the server is down, if the supervisor said it failed for good.
+    pub(crate) fn down_reason(&self) -> Option<String> {
+        self.down
+            .load(Ordering::Acquire)
+            .then(|| lock(&self.down_detail).clone())
+    }
+
+    /// Reads what the supervisor wrote on the control connection and acts on it, unless
+    /// someone looked less than [`CONTROL_EVERY`] ago or is looking now. Never blocks. A
+    /// change of the server's state wakes every parked call. Returns true on a change.
+    pub(crate) fn watch_control(&self) -> bool {
+        let Some(control) = &self.control else {
+            return false;
+        };
+        if !self.control_open.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let due = self.control_due.load(Ordering::Relaxed);
+        let next = now.saturating_add(CONTROL_EVERY.as_nanos() as u64);
+        if now < due
+            || self
+                .control_due
+                .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let mut c = match control.try_lock() {
+            Ok(c) => c,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        let mut changed = false;
+        let mut chunk = [0u8; 1024];
+        loop {
+            match (&c.stream).read(&mut chunk) {
+                Ok(0) => {
+                    // The supervisor exited; a new one re-adopts the servers, which go on
+                    // serving: nothing fails.
+                    debug!(
+                        server = P::SERVER,
+                        "the supervisor closed the control connection; the data path goes on"
+                    );
+                    self.control_open.store(false, Ordering::Relaxed);
+                    break;
+                }
+                Ok(n) => {
+                    c.partial.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = c.partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = c.partial.drain(..=end).collect();
+                        changed |= self.on_notice(&line[..end]);
+                    }
+                    if c.partial.len() > MAX_NOTICE {
+                        debug!(len = c.partial.len(), "overlong control line dropped");
+                        c.partial.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!(%e, server = P::SERVER, "control connection unreadable; not watched");
+                    self.control_open.store(false, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        drop(c);
+        if changed {
+            // Wake the parked calls: they see `progress` move and look at the state again.
+            self.progress.fetch_add(1, Ordering::SeqCst);
+            self.app_bell.ring();
+        }
+        changed
+    }
+
+    /// Acts on one notification line; true if the server's state changed.
+    fn on_notice(&self, line: &[u8]) -> bool {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return false;
+        }
+        match serde_json::from_slice::<AppNotice>(line) {
+            Ok(AppNotice::ServerFailed { server, detail }) if server == P::SERVER => {
+                warn!(server, %detail, "keepnet: the server is down; calls on its sockets fail");
+                *lock(&self.down_detail) = detail;
+                self.down.store(true, Ordering::Release);
+                true
+            }
+            Ok(AppNotice::ServerBack { server }) if server == P::SERVER => {
+                let was = self.down.swap(false, Ordering::AcqRel);
+                if was {
+                    warn!(server, "keepnet: the server serves again");
+                }
+                was
+            }
+            Ok(other) => {
+                debug!(?other, "notification for another server ignored");
+                false
+            }
+            Err(e) => {
+                debug!(%e, "unknown line on the control connection ignored");
+                false
             }
         }
     }
@@ -503,6 +700,9 @@ impl<P: Protocol> Engine<P> {
         what: &str,
         timeout: Option<Duration>,
     ) -> io::Result<AppEvent> {
+        if let Some(e) = self.down_error() {
+            return Err(e);
+        }
         let (id, timeout) = {
             let mut g = self.lock();
             let c = &mut g.c;
@@ -703,6 +903,35 @@ macro_rules! attachment {
                     None,
                 )?;
                 Ok(std::sync::Arc::new($name { engine }))
+            }
+
+            /// Like `from_parts`, with `control` playing the supervisor's control
+            /// connection: the notifications written on its other end
+            /// (`keepnet_server::app::AppNotice`) are read as on an attachment's.
+            #[doc(hidden)]
+            pub fn from_parts_with_control(
+                link: keepnet_server::app::AppLink,
+                server_bell_eventfd: std::os::fd::OwnedFd,
+                addr: std::net::Ipv4Addr,
+                control: std::os::unix::net::UnixStream,
+            ) -> std::io::Result<std::sync::Arc<$name>> {
+                let engine = $crate::engine::Engine::build(
+                    link,
+                    server_bell_eventfd,
+                    addr,
+                    $crate::engine::DEFAULT_MTU,
+                    "(in-process)".to_string(),
+                    Some(control),
+                )?;
+                Ok(std::sync::Arc::new($name { engine }))
+            }
+
+            /// Why the server is down, if its supervisor said it failed for good (its restart
+            /// limit was reached): every call on its sockets then fails with
+            /// `ConnectionAborted` until it serves again. None while it serves.
+            pub fn server_down(&self) -> Option<String> {
+                self.engine.watch_control();
+                self.engine.down_reason()
             }
 
             /// keepnet's IPv4 address (what a socket bound to `0.0.0.0` is reached at).

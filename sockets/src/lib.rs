@@ -56,6 +56,11 @@
 //!
 //! What differs from `std::net` is listed on [`UdpSocket`] and [`TcpStream`]; in short:
 //! IPv4 only, and a read or write timeout reports `TimedOut` rather than `WouldBlock`.
+//!
+//! A restarted server is transparent. A server that is down for good (the supervisor reached
+//! its restart limit and says so on the control connection) makes every call on its sockets
+//! fail at once, the blocked ones included, with `ConnectionAborted`: "keepnet: the tcp
+//! server is down (...)". Nothing ever waits for a server that will not come back.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -268,7 +268,9 @@ impl Poller {
     ///
     /// # Errors
     /// `InvalidInput` when nothing was ever registered and there is no timeout (the wait
-    /// could never end); what the attachment fails with (an inconsistent region).
+    /// could never end); `ConnectionAborted` when the tcp server is down for good (the
+    /// supervisor said so; a blocked poll returns it too); what the attachment fails with
+    /// (an inconsistent region).
     pub fn poll(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<usize> {
         events.clear();
         let Some(stack) = lock(&self.state).stack.clone() else {

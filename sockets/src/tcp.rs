@@ -197,7 +197,10 @@ impl Iterator for Incoming<'_> {
 ///   the error if no read took it first, then `BrokenPipe`, as on Linux. [`Event::error`]
 ///   and [`TcpStream::take_error`] see the pending error too;
 /// * `shutdown(Read)` drops what was received and not read yet;
-/// * `connect` without a timeout waits at most 135 s (the tcp server gives up sooner).
+/// * `connect` without a timeout waits at most 135 s (the tcp server gives up sooner);
+/// * when the tcp server is down for good (its supervisor gave up restarting it), every
+///   read, write, accept and connect, blocked or not, fails within a few tens of
+///   milliseconds with `ConnectionAborted` saying so (docs/udp-and-sockets.md).
 ///
 /// [`Event::error`]: crate::Event::error
 ///

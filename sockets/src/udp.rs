@@ -19,7 +19,10 @@ use crate::stack::{not_connected, too_long, Stack};
 ///   `WouldBlock` means only the latter);
 /// * a send that finds every send buffer in flight blocks until one comes back (or fails with
 ///   `WouldBlock` when non-blocking, `TimedOut` after the write timeout);
-/// * `bind` and `connect` wait at most 5 s for the udp server, then fail with `TimedOut`.
+/// * `bind` and `connect` wait at most 5 s for the udp server, then fail with `TimedOut`;
+/// * when the udp server is down for good (its supervisor gave up restarting it), every
+///   send and receive, blocked or not, fails within a few tens of milliseconds with
+///   `ConnectionAborted` saying so.
 ///
 /// A socket asks the server to close it when its last handle ([`UdpSocket::try_clone`]) is
 /// dropped; its port is free again once the server has done so.

@@ -32,6 +32,10 @@ pub enum Command {
     /// (then `on_limit`: "stop" leaves it failed, "restart-all" restarts every server). See
     /// the README for the `[servers]` fields. Needs root for a TAP link, not for the memory
     /// wire (`link.backend = "wire"`).
+    ///
+    /// If the instance's supervisor died and its servers still run, `up` re-adopts them from
+    /// the state file instead (no server restarted, no connection lost): "keepnet up:
+    /// re-adopted instance X: driver 123, ip 124, udp 125, tcp 126 (no server restarted)".
     Up(UpArgs),
     /// Show each server: pid, core, state (starting, running, backoff, failed, ...),
     /// generation, restarts, last exit, last recovery time, version, uptime, packets, drops
@@ -45,6 +49,7 @@ pub enum Command {
     /// running). Needs root or the supervisor's user.
     Kill(KillArgs),
     /// Stop everything; release shared memory, the TAP device and a namespace `up` made.
+    /// With the supervisor dead, ends its servers and services by pid.
     Down(ConfigArg),
     /// Mirror every frame at the driver into a pcap file (tcpdump -r reads it).
     Capture(CaptureArgs),

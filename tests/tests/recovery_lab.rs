@@ -685,3 +685,81 @@ fn ip_scribbling_over_its_rings_costs_no_neighbour_and_no_connection() {
         .into();
     println!("drops after the scribble: {drops}");
 }
+
+/// True if process `pid` has exited (gone, or a zombie nobody reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 1..))
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|st| st == "Z" || st == "X"),
+    }
+}
+
+/// The supervisor's own row of the recovery table: killed with SIGKILL during a 1 GiB
+/// download, the servers keep forwarding without it; `keepnet up` then re-adopts them from
+/// the state file (no server restarted: same pids and generations), the download completes
+/// with the right SHA-256, `keepnet status` answers again and UDP echo works.
+#[test]
+fn supervisor_killed_and_restarted_during_a_download_restarts_no_server() {
+    const TEST: &str = "supervisor_killed_and_restarted_during_a_download_restarts_no_server";
+    if !root_or_skip(TEST) {
+        return;
+    }
+    let _l = heavy_lock(HEAVY_WAIT);
+    let _w = Watchdog::arm(TEST, Duration::from_secs(240));
+    // A generous heartbeat: this test is about the supervisor's death, and a server kept off
+    // a busy 2-core machine's CPU for 200 ms must not pass for hung here.
+    let mut lab = Lab::new("recsup", "[servers]\nheartbeat_ms = 1000\n");
+    lab.up();
+    let before = snapshot(&lab);
+    let mut dl = Download::start(&lab, GIB, Duration::from_secs(150));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        dl.running(),
+        "the download ended before the supervisor was killed"
+    );
+    let sup = lab.status()["supervisor_pid"].as_u64().unwrap_or(0) as u32;
+    assert!(sup > 1, "no supervisor pid in the status");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill -9 the supervisor (pid {sup}): {e}"));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !exited(sup) {
+        assert!(Instant::now() < end, "supervisor {sup} alive after SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The servers forward on their own meanwhile; only control operations wait.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        lab.status_quiet().is_none(),
+        "status answered with the supervisor dead"
+    );
+    let still = dl.running();
+    let out = lab.keepnet(&["up", "--netns", &lab.ns]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "keepnet up (re-adoption) failed");
+    assert!(
+        said.contains("re-adopted instance") && said.contains("(no server restarted)"),
+        "{said}"
+    );
+    let after = snapshot(&lab);
+    assert_eq!(
+        after, before,
+        "servers changed across the supervisor's death and re-adoption"
+    );
+    dl.check("download across the supervisor's death");
+    println!(
+        "supervisor killed and re-adopted during a {GIB}-byte download (under way while it \
+         was dead: {still}): download intact, no server restarted"
+    );
+    check_servers(&lab, &before, &BTreeMap::new());
+    check_udp_after(&lab);
+    let log = std::fs::read_to_string(lab.run_dir.join(&lab.instance).join("supervisor.log"))
+        .unwrap_or_default();
+    assert!(log.contains("re-adopted"), "no re-adopted event in the log");
+}

@@ -453,3 +453,146 @@ fn kill_refuses_unknown_servers_and_signals_plainly() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// A "binary" for `server` that runs the real one the first time and fails at once afterwards.
+fn crash_after_first_start_of(dir: &Path, server: &str) -> PathBuf {
+    let script = dir.join(format!("{server}-once.sh"));
+    let marker = dir.join(format!("{server}-started-once"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ ! -e '{m}' ]; then : > '{m}'; exec '{real}' \"$@\"; fi\nexit 1\n",
+            m = marker.display(),
+            real = binary(&format!("keepnet-{server}")).display()
+        ),
+    )
+    .expect("write script");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+/// Kills and reaps a child process on every exit path.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 6: an application blocked reading a TCP connection (and another thread of it in
+/// accept) when its tcp server goes down for good. Two constellations on the memory wire: a
+/// serves a TCP echo, b runs the application and a tcp "binary" that fails every start after
+/// the first. `keepnet kill tcp` on b: two restarts fail, the server ends `failed`, the
+/// supervisor tells b's applications, and the blocked read returns a clear error at once
+/// instead of waiting for ever.
+#[test]
+fn an_app_blocked_on_a_failed_tcp_server_gets_a_clear_error() {
+    let _w = Watchdog::arm("app on a failed tcp server", Duration::from_secs(120));
+    let _l = heavy_lock(Duration::from_secs(600));
+    let mut a = Instance::new("da", "");
+    std::fs::write(
+        &a.config,
+        format!(
+            "instance = \"{}\"\n\
+             services = [{{ name = \"tcp-echo\", args = [\"tcp-echo\", \"--port\", \"7\"] }}]\n\
+             [link]\nbackend = \"wire\"\nwire_side = \"a\"\n\
+             [ip]\naddr = \"198.18.9.1/24\"\nmac = \"02:6b:6e:00:09:01\"\n",
+            a.name
+        ),
+    )
+    .expect("config a");
+    a.start();
+    let mut b = Instance::new("db", "");
+    // The wire's far side is found through a's control socket: one run directory.
+    b.run_dir = a.run_dir.clone();
+    let script = crash_after_first_start_of(&b.dir, "tcp");
+    std::fs::write(
+        &b.config,
+        format!(
+            "instance = \"{}\"\nservices = []\n\
+             [link]\nbackend = \"wire\"\nwire_side = \"b\"\nwire_peer = \"{}\"\n\
+             [ip]\naddr = \"198.18.9.2/24\"\nmac = \"02:6b:6e:00:09:02\"\n\
+             [servers.tcp]\nbinary = \"{}\"\nmax_restarts = 2\nwindow_s = 30\n\
+             backoff_initial_ms = 20\nbackoff_max_ms = 40\n",
+            b.name,
+            a.name,
+            script.display()
+        ),
+    )
+    .expect("config b");
+    b.start();
+
+    let mut app = Command::new(binary("kn-tcp-app"))
+        .args(["wait-down", "198.18.9.1:7"])
+        .env("KEEPNET_RUN_DIR", &b.run_dir)
+        .env("KEEPNET_INSTANCE", &b.name)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("run kn-tcp-app");
+    let stdout = app.stdout.take().expect("app stdout");
+    let app = Reaped(app);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((line, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    let (ready, _) = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("kn-tcp-app never said ready");
+    assert_eq!(ready, "ready");
+    // It is blocked now, in read and in accept.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lines.try_recv().is_err(), "kn-tcp-app returned early");
+
+    let before = b.servers();
+    assert!(b.keepnet(&["kill", "tcp"]).status.success());
+    let after = b.wait_for("tcp failed", Duration::from_secs(20), |s| {
+        text(&s["tcp"], "state") == "failed"
+    });
+    let failed_seen = Instant::now();
+    let v = &after["tcp"];
+    eprintln!("{v:#}");
+    assert_eq!(v["restarts"].as_u64(), Some(2), "{v:#}");
+    others_untouched(&before, &after, "tcp");
+
+    let (line, at) = lines
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the blocked read did not return within 5 s of the tcp server failing");
+    eprintln!(
+        "kn-tcp-app: {line} ({:?} after the status said failed)",
+        at.checked_duration_since(failed_seen)
+    );
+    assert!(
+        line.starts_with(
+            "down ConnectionAborted ConnectionAborted: keepnet: the tcp server is down \
+             (restart limit reached: 2 restarts in 30 s; not restarting)"
+        ),
+        "{line}"
+    );
+    let mut app = app;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = app.0.try_wait().expect("wait kn-tcp-app") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "kn-tcp-app did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "kn-tcp-app: {status}");
+    let log = b.log();
+    assert!(
+        log.contains("applications told the server is down"),
+        "{log}"
+    );
+}

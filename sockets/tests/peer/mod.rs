@@ -10,6 +10,8 @@ pub mod harness;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddrV4;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use keepnet_ipc::{FreeList, Retakes};
@@ -60,6 +62,20 @@ pub type Peer = Harness<State>;
 pub fn rig(tx: u32, rx: u32) -> (Arc<Stack>, Peer) {
     let (link, efd, peer_efd) = harness::region(17, UDP, tx, rx);
     let stack = Stack::from_parts(link.clone(), efd, KN).unwrap();
+    (stack, serve(link, peer_efd))
+}
+
+/// Like [`rig`], with a control connection: the returned end plays the supervisor's (write
+/// `keepnet_server::app::AppNotice` lines on it, or drop it for an EOF).
+pub fn rig_with_control(tx: u32, rx: u32) -> (Arc<Stack>, Peer, UnixStream) {
+    let (link, efd, peer_efd) = harness::region(17, UDP, tx, rx);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let stack = Stack::from_parts_with_control(link.clone(), efd, KN, ours).unwrap();
+    (stack, serve(link, peer_efd), theirs)
+}
+
+/// The peer serving the server's side of `link`, parked on `peer_efd` (the server's eventfd).
+fn serve(link: AppLink, peer_efd: OwnedFd) -> Peer {
     let ends = link.server_ends().unwrap();
     let mut rx_free = FreeList::new(&link.rx_pool, UDP);
     for i in 0..link.rx_pool.count() {
@@ -81,7 +97,7 @@ pub fn rig(tx: u32, rx: u32) -> (Arc<Stack>, Peer) {
         next_socket: 100,
         next_port: 49152,
     };
-    (stack, Harness::start(link, peer_efd, state))
+    Harness::start(link, peer_efd, state)
 }
 
 impl Serve for State {

@@ -22,6 +22,7 @@ pub mod harness;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use keepnet_ipc::{Descriptor, FreeList, Retakes};
@@ -143,6 +144,15 @@ pub fn rig(tx: u32, rx: u32) -> (Arc<TcpStack>, Peer) {
     let (link, efd, peer_efd) = harness::region(6, TCP, tx, rx);
     let stack = TcpStack::from_parts(link.clone(), efd, KN).unwrap();
     (stack, serve(link, peer_efd))
+}
+
+/// Like [`rig`], with a control connection: the returned end plays the supervisor's (write
+/// `keepnet_server::app::AppNotice` lines on it, or drop it for an EOF).
+pub fn rig_with_control(tx: u32, rx: u32) -> (Arc<TcpStack>, Peer, UnixStream) {
+    let (link, efd, peer_efd) = harness::region(6, TCP, tx, rx);
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let stack = TcpStack::from_parts_with_control(link.clone(), efd, KN, ours).unwrap();
+    (stack, serve(link, peer_efd), theirs)
 }
 
 /// The peer serving the server's side of `link`, parked on `efd` (the server's eventfd).

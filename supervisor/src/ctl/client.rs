@@ -24,6 +24,12 @@ pub enum ClientError {
     AlreadyUp { instance: String, pid: u32 },
     #[error("no keepnet instance {instance:?} is running (no control socket at {path})")]
     NotRunning { instance: String, path: PathBuf },
+    #[error("the supervisor of instance {instance:?} (pid {pid}) is not running; {servers}: `keepnet up` re-adopts them, `keepnet down` ends them")]
+    SupervisorGone {
+        instance: String,
+        pid: u32,
+        servers: String,
+    },
     #[error("{0}")]
     Daemon(#[from] daemon::DaemonError),
     #[error("service {name}: binary not found at {path}: build it (cargo build --release) or set its binary in the config")]
@@ -90,7 +96,7 @@ pub fn preflight(config: &Config) -> Result<(), ClientError> {
         }
     }
     if let Some(st) = read_state(&config.instance) {
-        if keepnet_ipc::process_alive(st.supervisor_pid) {
+        if st.supervisor_alive() {
             return Err(ClientError::AlreadyUp {
                 instance: config.instance.clone(),
                 pid: st.supervisor_pid,
@@ -109,13 +115,18 @@ pub fn up(
     let config = load_config(config_path)?;
     preflight(&config)?;
     if foreground {
-        let mut d = Daemon::start(Options { config, netns })?;
-        let r = d.serve(|r| match r {
-            Ok(()) => println!(
+        let instance = config.instance.clone();
+        let mut d = Daemon::start_or_adopt(Options { config, netns })?;
+        let adopted = d.adopted().map(str::to_string);
+        let r = d.serve(|r| match (r, adopted) {
+            (Ok(()), Some(a)) => println!(
+                "keepnet up (foreground): re-adopted instance {instance}: {a}; Ctrl-C or `keepnet down` stops it"
+            ),
+            (Ok(()), None) => println!(
                 "keepnet up (foreground): {} servers and the services ready; Ctrl-C or `keepnet down` stops it",
                 SERVERS.len()
             ),
-            Err(e) => eprintln!("keepnet up: {e}"),
+            (Err(e), _) => eprintln!("keepnet up: {e}"),
         });
         drop(d);
         return r
@@ -170,6 +181,12 @@ pub fn up(
         }
     };
     let msg = msg.trim();
+    if let Some(summary) = msg.strip_prefix("adopted: ") {
+        return Ok(format!(
+            "keepnet up: re-adopted instance {}: {summary}",
+            config.instance
+        ));
+    }
     if msg == "ready" {
         return Ok(format!(
             "keepnet up: instance {} ready ({}), keepnet at {}, kernel side {} on {}{}",
@@ -209,13 +226,15 @@ pub fn daemon_main(config_path: Option<&Path>, netns: Option<String>) -> Result<
             return Err(e);
         }
     };
-    match Daemon::start(Options { config, netns }) {
+    match Daemon::start_or_adopt(Options { config, netns }) {
         Ok(mut d) => {
+            let adopted = d.adopted().map(str::to_string);
             let res = d.serve(move |r| {
                 if let Some(mut pipe) = ready {
-                    let _ = match r {
-                        Ok(()) => writeln!(pipe, "ready"),
-                        Err(e) => writeln!(pipe, "error: {e}"),
+                    let _ = match (r, adopted) {
+                        (Ok(()), Some(a)) => writeln!(pipe, "adopted: {a}"),
+                        (Ok(()), None) => writeln!(pipe, "ready"),
+                        (Err(e), _) => writeln!(pipe, "error: {e}"),
                     };
                 }
             });
@@ -238,9 +257,16 @@ pub fn call(
     req: &Request,
 ) -> Result<(Answer, Vec<std::os::fd::OwnedFd>), ClientError> {
     let path = super::socket_path(instance);
-    let stream = UnixStream::connect(&path).map_err(|_| ClientError::NotRunning {
-        instance: instance.into(),
-        path: path.clone(),
+    let stream = UnixStream::connect(&path).map_err(|_| match read_state(instance) {
+        Some(st) if !st.supervisor_alive() => ClientError::SupervisorGone {
+            instance: instance.into(),
+            pid: st.supervisor_pid,
+            servers: live_servers(&st),
+        },
+        _ => ClientError::NotRunning {
+            instance: instance.into(),
+            path: path.clone(),
+        },
     })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -277,11 +303,116 @@ pub fn status(config_path: Option<&Path>) -> Result<StatusReport, ClientError> {
     }
 }
 
+/// The servers of a state file whose supervisor is gone, in words: which still run.
+fn live_servers(st: &StateFile) -> String {
+    let alive: Vec<String> = server_pids(st)
+        .into_iter()
+        .filter(|(_, pid, start)| super::procs::alive_as(*pid, *start))
+        .map(|(name, pid, _)| format!("{name} {pid}"))
+        .collect();
+    if alive.is_empty() {
+        "none of its servers runs".into()
+    } else {
+        format!("its servers still run ({})", alive.join(", "))
+    }
+}
+
+/// (name, pid, start time) per server of a state file (start 0 where an old file has none).
+fn server_pids(st: &StateFile) -> Vec<(String, u32, u64)> {
+    if st.procs.is_empty() {
+        return st.servers.iter().map(|(n, p)| (n.clone(), *p, 0)).collect();
+    }
+    st.procs
+        .iter()
+        .map(|r| (r.name.clone(), r.pid, r.start))
+        .collect()
+}
+
+/// `keepnet down` for an instance whose supervisor died: ends its services and servers by
+/// pid (each checked to be the process recorded: same start time, or for an old state file
+/// without one a `keepnet-NAME` binary), removes the namespace `up` made (the TAP device
+/// went with the driver, its last holder) and the state file.
+fn down_without_supervisor(config: &Config, st: &StateFile) -> Result<String, ClientError> {
+    let grace = Duration::from_secs(2);
+    let mut ended = Vec::new();
+    let mut services = 0;
+    for svc in &st.services {
+        if svc.pid != 0 && svc.start != 0 && super::procs::end_process(svc.pid, svc.start, grace) {
+            services += 1;
+            ended.push((svc.pid, svc.start));
+        }
+    }
+    let mut servers = 0;
+    for (name, pid, start) in server_pids(st).into_iter().rev() {
+        if pid == 0 {
+            continue;
+        }
+        let start = if start != 0 {
+            start
+        } else {
+            // An old state file: only a process running keepnet's server binary.
+            let ours = super::procs::exe(pid).is_some_and(|e| {
+                e.file_name()
+                    .is_some_and(|f| f.to_string_lossy() == format!("keepnet-{name}"))
+            });
+            match (ours, super::procs::start_time(pid)) {
+                (true, Some(s)) => s,
+                _ => continue,
+            }
+        };
+        if super::procs::end_process(pid, start, grace) {
+            servers += 1;
+            ended.push((pid, start));
+        }
+    }
+    // Their reaper is init (their parent, the supervisor, is gone): give it a moment, so
+    // that nothing of the instance is left in the process table when `down` returns.
+    let end = Instant::now() + Duration::from_secs(3);
+    while ended
+        .iter()
+        .any(|&(pid, start)| super::procs::exists_as(pid, start))
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if st.created_netns {
+        if let Some(ns) = &st.netns {
+            super::lab::netns_delete(ns)
+                .map_err(|e| ClientError::StartFailed(format!("removing namespace {ns}: {e}")))?;
+        }
+    }
+    let _ = std::fs::remove_file(super::socket_path(&config.instance));
+    let _ = std::fs::remove_file(super::state_path(&config.instance));
+    Ok(format!(
+        "keepnet down: instance {} stopped (its supervisor, pid {}, was not running: ended {servers} server{} and {services} service{} by pid)",
+        config.instance,
+        st.supervisor_pid,
+        if servers == 1 { "" } else { "s" },
+        if services == 1 { "" } else { "s" },
+    ))
+}
+
 /// `keepnet down`: stops the instance and waits until its supervisor is gone. Returns the
-/// line to show the user.
+/// line to show the user. With the supervisor dead, ends what it left by pid.
 pub fn down(config_path: Option<&Path>) -> Result<String, ClientError> {
     let config = load_config(config_path)?;
     let state = read_state(&config.instance);
+    if let Some(st) = &state {
+        if !st.supervisor_alive() {
+            // No supervisor holds the lock either (one may be starting or re-adopting).
+            match super::try_lock(&config.instance) {
+                Ok(Some(_lock)) => return down_without_supervisor(&config, st),
+                Ok(None) => {
+                    return Err(ClientError::Usage(format!(
+                        "a supervisor of instance {:?} is starting (it holds {}): try again in a moment",
+                        config.instance,
+                        super::lock_path(&config.instance).display()
+                    )))
+                }
+                Err(e) => return Err(io("lock")(e)),
+            }
+        }
+    }
     match call(&config.instance, &Request::Down) {
         Ok((Answer::Ok { .. }, _)) => {}
         Ok((Answer::Error { message }, _)) => return Err(ClientError::Remote(message)),
@@ -290,7 +421,11 @@ pub fn down(config_path: Option<&Path>) -> Result<String, ClientError> {
     }
     if let Some(st) = state {
         let end = Instant::now() + Duration::from_secs(10);
-        while keepnet_ipc::process_alive(st.supervisor_pid) && Instant::now() < end {
+        // Until it is gone from the process table (reaped), as callers checking its pid
+        // expect.
+        while super::procs::exists_as(st.supervisor_pid, st.supervisor_start)
+            && Instant::now() < end
+        {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_ipc::SpinPolicy;
@@ -25,10 +25,13 @@ use tracing::{error, info, warn};
 
 use super::apps::Apps;
 use super::lab::{self, LabError};
-use super::protocol::{Answer, Request, StateFile};
+use super::procs::{self, pidfd_exited, pidfd_open, Proc};
+use super::protocol::{Answer, AppRecord, Request, ServerRecord, ServiceRecord, StateFile};
 use super::services::ServiceProc;
 use super::status::{AppStatus, ServerStatus, ServiceStatus, StatusReport};
 use crate::config::{Config, OnLimit, Placement, RestartPolicy, Supervision, SERVERS};
+
+mod adopt;
 
 /// Sockets in the udp server's table.
 const UDP_SOCKETS: u32 = 4096;
@@ -72,6 +75,12 @@ pub enum DaemonError {
     },
     #[error("server binary for {name} not found at {path}: build it (cargo build --release) or set servers.{name}.binary in the config")]
     NoBinary { name: String, path: PathBuf },
+    /// Re-adopting a constellation whose supervisor died failed; its servers were left as
+    /// they were.
+    #[error("cannot re-adopt instance {instance:?}: {why}; its running servers were left untouched (`keepnet down` ends them)")]
+    Adopt { instance: String, why: String },
+    #[error("instance {instance:?} is already running (supervisor pid {pid})")]
+    Running { instance: String, pid: u32 },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
@@ -134,9 +143,14 @@ struct ServerProc {
     control: ControlBlock,
     commands: keepnet_ipc::Producer<ControlMsg>,
     replies: keepnet_ipc::Consumer<ControlMsg>,
-    child: Option<Child>,
-    /// The child's pidfd: readable once it has exited (polled in `serve`).
+    /// The running instance: our child, or one re-adopted from a supervisor that died.
+    child: Option<Proc>,
+    /// The instance's pidfd: readable once it has exited (polled in `serve`).
     pidfd: Option<OwnedFd>,
+    /// The instance's start time (field 22 of /proc/PID/stat), for the state file.
+    start: u64,
+    /// Its executable as /proc/PID/exe says once it runs, for the state file.
+    exe: Option<PathBuf>,
     started: Instant,
     restarts: u64,
     opts: RunOptions,
@@ -166,8 +180,61 @@ struct ServerProc {
 }
 
 impl ServerProc {
+    /// A server not started yet, on `control`.
+    fn new(
+        name: &'static str,
+        binary: PathBuf,
+        control: ControlBlock,
+        opts: RunOptions,
+        config: &Config,
+    ) -> Result<ServerProc, DaemonError> {
+        let (commands, replies) =
+            supervisor_ends(&control).map_err(|e| DaemonError::Shm(e.to_string()))?;
+        Ok(ServerProc {
+            name,
+            binary,
+            control,
+            commands,
+            replies,
+            child: None,
+            pidfd: None,
+            start: 0,
+            exe: None,
+            started: Instant::now(),
+            restarts: 0,
+            opts,
+            env: server_env(config, name),
+            seq: 0,
+            sup: config.supervision(name),
+            phase: Phase::Starting,
+            last_exit: None,
+            last_recovery_us: None,
+            outage_since: None,
+            failed_starts: 0,
+            history: VecDeque::new(),
+            kill_sent: None,
+            doom: None,
+            beat: (0, Instant::now()),
+            beat_wait: None,
+        })
+    }
+
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.as_ref().map_or(0, Proc::id)
+    }
+
+    /// Sends `sig` to the running instance: through its pidfd where there is one (a
+    /// re-adopted server is not our child: its pid could be reused once it is gone).
+    fn signal(&self, sig: Signal) -> std::io::Result<()> {
+        let pid = self.pid();
+        if pid == 0 {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        match &self.pidfd {
+            Some(fd) => procs::pidfd_send_signal(fd.as_fd(), sig),
+            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+                .map_err(std::io::Error::from),
+        }
     }
 
     /// The state word status shows.
@@ -206,23 +273,11 @@ pub fn describe_exit(status: ExitStatus) -> String {
     }
 }
 
-/// A pidfd for child `pid` (pidfd_open(2)): it becomes readable when the process exits.
-#[allow(unsafe_code)]
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let pid = libc::pid_t::try_from(pid)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: pidfd_open takes a pid and a flags word, both plain integers; it touches none of
-    // our memory and returns a new fd (close-on-exec) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = std::os::fd::RawFd::try_from(fd)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
-    // SAFETY: the kernel just returned this fd to us and nothing else refers to it, so the
-    // OwnedFd is its only owner.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// Milliseconds since the Unix epoch now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Nanoseconds process `pid` has spent runnable but waiting for a CPU (the second field of
@@ -232,17 +287,14 @@ fn run_queue_wait_ns(pid: u32) -> Option<u64> {
     text.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// True if `fd` (a pidfd) is readable now: its process has exited.
-fn pidfd_exited(fd: &OwnedFd) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout};
-    let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    matches!(nix::poll::poll(&mut p, PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
 /// Everything the daemon owns. Dropping it stops the servers and removes what `up` made.
 pub struct Daemon {
     opts: Options,
     started: Instant,
+    /// When the constellation first came up (ms since the Unix epoch; kept by re-adoption).
+    started_unix_ms: u64,
+    /// Set when this supervisor re-adopted a running constellation: the line `up` prints.
+    adopted: Option<String>,
     link: Link,
     udp_link: TransportLink,
     udp_state: keepnet_udp::state::SocketTable,
@@ -269,6 +321,11 @@ pub struct Daemon {
     /// When `watch_servers` last looked (a daemon that was itself kept off the CPU gives the
     /// servers the benefit of the doubt).
     last_watch: Instant,
+    /// True while a re-adoption is under way: dropping the daemon then (the re-adoption
+    /// failed) stops nothing and removes nothing.
+    disowned: bool,
+    /// The instance's supervisor lock (see `ctl::lock_path`), held for the daemon's life.
+    lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 fn placement(config: &Config) -> Vec<RunOptions> {
@@ -438,6 +495,8 @@ impl Daemon {
         let mut d = Daemon {
             opts,
             started: Instant::now(),
+            started_unix_ms: unix_ms(),
+            adopted: None,
             link,
             udp_link,
             udp_state,
@@ -457,6 +516,8 @@ impl Daemon {
             run_dir,
             last_restart_all: None,
             last_watch: Instant::now(),
+            disowned: false,
+            lock: None,
         };
 
         if config.link.backend == crate::config::LinkBackend::Wire {
@@ -481,33 +542,8 @@ impl Daemon {
                 let efd = bell.try_clone().map_err(io("dup eventfd"))?;
                 control = control.with_bell_eventfd(efd);
             }
-            let (commands, replies) =
-                supervisor_ends(&control).map_err(|e| DaemonError::Shm(e.to_string()))?;
-            d.servers.push(ServerProc {
-                name,
-                binary,
-                control,
-                commands,
-                replies,
-                child: None,
-                pidfd: None,
-                started: Instant::now(),
-                restarts: 0,
-                opts: run,
-                env: server_env(&config, name),
-                seq: 0,
-                sup: config.supervision(name),
-                phase: Phase::Starting,
-                last_exit: None,
-                last_recovery_us: None,
-                outage_since: None,
-                failed_starts: 0,
-                history: VecDeque::new(),
-                kill_sent: None,
-                doom: None,
-                beat: (0, Instant::now()),
-                beat_wait: None,
-            });
+            d.servers
+                .push(ServerProc::new(name, binary, control, run, &config)?);
         }
         for i in 0..d.servers.len() {
             d.spawn(i)?;
@@ -517,7 +553,46 @@ impl Daemon {
             s.beat = (s.control.heartbeat(), Instant::now());
         }
 
-        let sock = super::socket_path(&config.instance);
+        d.bind_control_socket()?;
+        d.write_state()?;
+        info!(instance = %config.instance, netns = ?d.opts.netns, "constellation up");
+        Ok(d)
+    }
+
+    /// What `up` starts: re-adopts the constellation of the instance if its supervisor died
+    /// and its servers live (see [`adopt`]), else a fresh one. Never a second constellation
+    /// on top of a live one.
+    pub fn start_or_adopt(opts: Options) -> Result<Daemon, DaemonError> {
+        let instance = opts.config.instance.clone();
+        let lock = super::try_lock(&instance)
+            .map_err(io(format!(
+                "lock {}",
+                super::lock_path(&instance).display()
+            )))?
+            .ok_or_else(|| DaemonError::Running {
+                pid: std::fs::read_to_string(super::state_path(&instance))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<StateFile>(&t).ok())
+                    .map_or(0, |st| st.supervisor_pid),
+                instance: instance.clone(),
+            })?;
+        let mut d = match adopt::survey(&opts.config)? {
+            adopt::Survey::Adopt(st) => Daemon::adopt(opts, *st)?,
+            adopt::Survey::Fresh => Daemon::start(opts)?,
+        };
+        d.lock = Some(lock);
+        Ok(d)
+    }
+
+    /// Set when this daemon re-adopted a running constellation: which servers (pids), for
+    /// the line `keepnet up` prints.
+    pub fn adopted(&self) -> Option<&str> {
+        self.adopted.as_deref()
+    }
+
+    /// Binds the control socket (any stale one of a dead supervisor is replaced).
+    fn bind_control_socket(&mut self) -> Result<(), DaemonError> {
+        let sock = super::socket_path(&self.opts.config.instance);
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io(format!("bind {}", sock.display())))?;
         listener.set_nonblocking(true).map_err(io("socket"))?;
@@ -528,10 +603,8 @@ impl Daemon {
             std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666))
                 .map_err(io(format!("chmod {}", sock.display())))?;
         }
-        d.listener = Some(listener);
-        d.write_state()?;
-        info!(instance = %config.instance, netns = ?d.opts.netns, "constellation up");
-        Ok(d)
+        self.listener = Some(listener);
+        Ok(())
     }
 
     /// The TAP device: the daemon holds it, so a driver crash never takes it away.
@@ -627,6 +700,7 @@ impl Daemon {
                 let fds = [
                     ("bell", self.udp_bell.as_fd()),
                     ("hotplug", self.apps[UDP_APPS].server_end()),
+                    ("hotplug.supervisor", self.apps[UDP_APPS].supervisor_end()),
                 ];
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
@@ -641,6 +715,7 @@ impl Daemon {
                 let fds = [
                     ("bell", self.tcp_bell.as_fd()),
                     ("hotplug", self.apps[TCP_APPS].server_end()),
+                    ("hotplug.supervisor", self.apps[TCP_APPS].supervisor_end()),
                 ];
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
@@ -667,6 +742,23 @@ impl Daemon {
                 boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
             }
         }
+        // Servers run at `placement.nice` (config docs): on a busy, oversubscribed machine a
+        // server's work, its death and its successor's start would otherwise queue behind
+        // applications for whole time slices, and recovery time is blackout time.
+        {
+            let nice: libc::c_int = self.opts.config.placement.nice;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs in the forked child before exec and only calls
+            // setpriority(2), which is async-signal-safe; its failure (no CAP_SYS_NICE) is
+            // ignored: the server then starts at normal priority.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .spawn()
             .map_err(io(format!("start {}", s.binary.display())))?;
@@ -680,9 +772,15 @@ impl Daemon {
                 None
             }
         };
-        s.child = Some(child);
+        s.start = procs::start_time(child.id()).unwrap_or(0);
+        s.exe = None;
+        s.child = Some(Proc::Child(child));
         s.started = Instant::now();
         s.phase = Phase::Starting;
+        // On disk at once: a supervisor that dies now leaves its successor this pid.
+        if let Err(e) = self.write_state() {
+            warn!(%e, "could not write the state file");
+        }
         Ok(())
     }
 
@@ -690,12 +788,13 @@ impl Daemon {
         let end = Instant::now() + limit;
         let log = self.log_file(self.servers[i].name);
         let s = &mut self.servers[i];
-        let pid = s.child.as_ref().map_or(0, Child::id);
+        let pid = s.pid();
         loop {
             if s.control.state() == Some(ServerState::Running) && s.control.pid() == pid {
+                s.exe = procs::exe(pid);
                 return Ok(());
             }
-            if let Some(child) = s.child.as_mut() {
+            if let Some(Proc::Child(child)) = s.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     let tail = std::fs::read_to_string(&log).unwrap_or_default();
                     let last: Vec<&str> = tail.lines().rev().take(3).collect();
@@ -720,8 +819,12 @@ impl Daemon {
         }
     }
 
-    fn write_state(&self) -> Result<(), DaemonError> {
-        let st = StateFile {
+    /// What the state file says now (see [`StateFile`]).
+    fn state_file(&self) -> StateFile {
+        let now_ms = unix_ms();
+        let now = Instant::now();
+        let ago_ms = |t: Instant| now.saturating_duration_since(t).as_millis() as u64;
+        StateFile {
             instance: self.opts.config.instance.clone(),
             supervisor_pid: std::process::id(),
             netns: self.opts.netns.clone(),
@@ -730,13 +833,94 @@ impl Daemon {
             servers: self
                 .servers
                 .iter()
-                .map(|s| (s.name.to_string(), s.child.as_ref().map_or(0, Child::id)))
+                .map(|s| (s.name.to_string(), s.pid()))
                 .collect(),
-        };
+            supervisor_start: procs::start_time(std::process::id()).unwrap_or(0),
+            started_unix_ms: self.started_unix_ms,
+            procs: self
+                .servers
+                .iter()
+                .map(|s| ServerRecord {
+                    name: s.name.to_string(),
+                    pid: s.pid(),
+                    start: if s.pid() == 0 { 0 } else { s.start },
+                    binary: s.binary.to_string_lossy().into_owned(),
+                    exe: s
+                        .exe
+                        .as_ref()
+                        .map(|e| e.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.clone(),
+                    last_recovery_us: s.last_recovery_us,
+                    phase: match &s.phase {
+                        Phase::Starting => "starting",
+                        Phase::Up => "up",
+                        Phase::Backoff { .. } => "backoff",
+                        Phase::Queued => "restarting",
+                        Phase::Failed(_) => "failed",
+                        Phase::Stopped(_) => "stopped",
+                    }
+                    .to_string(),
+                    detail: match &s.phase {
+                        Phase::Failed(why) | Phase::Stopped(why) => Some(why.clone()),
+                        _ => None,
+                    },
+                    failed_starts: s.failed_starts,
+                    restart_times_unix_ms: s
+                        .history
+                        .iter()
+                        .map(|&t| now_ms.saturating_sub(ago_ms(t)))
+                        .collect(),
+                })
+                .collect(),
+            apps: self
+                .apps
+                .iter()
+                .flat_map(|set| {
+                    set.conns.values().map(|c| AppRecord {
+                        app: c.app,
+                        pid: c.pid,
+                        start: c.start,
+                        uid: c.uid,
+                        protocol: set.protocol,
+                        region: super::apps::memfd_of(&super::apps::region_name(
+                            &self.opts.config.instance,
+                            set.label,
+                            c.app,
+                        )),
+                    })
+                })
+                .collect(),
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceRecord {
+                    name: s.cfg.name.clone(),
+                    pid: s.pid().unwrap_or(0),
+                    start: if s.pid().is_some() { s.start } else { 0 },
+                    restarts: s.restarts,
+                    last_exit: s.last_exit.clone(),
+                })
+                .collect(),
+            next_app: self
+                .apps
+                .iter()
+                .map(|set| (set.label.to_string(), set.next_id()))
+                .collect(),
+        }
+    }
+
+    /// Writes the state file: a temporary file renamed over the old one, so a supervisor
+    /// killed in the middle leaves a whole file, old or new.
+    fn write_state(&self) -> Result<(), DaemonError> {
+        let st = self.state_file();
         let path = super::state_path(&self.opts.config.instance);
+        let tmp = path.with_extension("json.tmp");
         let text =
             serde_json::to_string_pretty(&st).map_err(|e| DaemonError::Shm(e.to_string()))?;
-        std::fs::write(&path, text).map_err(io(format!("write {}", path.display())))
+        std::fs::write(&tmp, text).map_err(io(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io(format!("write {}", path.display())))
     }
 
     /// The status report.
@@ -806,6 +990,11 @@ impl Daemon {
             .map_err(|e| io("signalfd")(e.into()))?;
         let instance = self.opts.config.instance.clone();
         for i in 0..self.services.len() {
+            // A re-adopted service runs already; one that died while no supervisor watched
+            // it starts through its restart.
+            if self.services[i].child.is_some() || self.services[i].next_start.is_some() {
+                continue;
+            }
             let log = self.service_log(i);
             if let Err(e) = self.services[i].spawn(&instance, &log) {
                 let msg = format!(
@@ -816,6 +1005,9 @@ impl Daemon {
                 ready(Err(msg.clone()));
                 return Err(DaemonError::Shm(msg));
             }
+        }
+        if let Err(e) = self.write_state() {
+            warn!(%e, "could not write the state file");
         }
         let mut ready = Some(ready);
         let services_deadline = Instant::now() + SERVICES_READY;
@@ -857,11 +1049,14 @@ impl Daemon {
                     .services
                     .iter()
                     .any(|s| s.next_start.is_some() || !s.ready);
+            // Per application, its control connection (EOF detaches it) or, for one re-adopted
+            // from a supervisor that died, its pidfd (its exit detaches it).
             let app_fds: Vec<std::os::fd::RawFd> = self
                 .apps
                 .iter()
                 .flat_map(|set| set.conns.values())
-                .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.stream))
+                .filter_map(|c| c.watch_fd())
+                .map(|fd| std::os::fd::AsRawFd::as_raw_fd(&fd))
                 .collect();
             let (signalled, connected, hung_up) = {
                 use nix::poll::{PollFd, PollFlags};
@@ -874,15 +1069,19 @@ impl Daemon {
                 for fd in self.servers.iter().filter_map(|s| s.pidfd.as_ref()) {
                     pfds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                 }
+                // So does a service's (a re-adopted one is not our child: no SIGCHLD).
+                for fd in self.services.iter().filter_map(|s| s.pidfd.as_ref()) {
+                    pfds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                }
                 let base = pfds.len();
-                let conns: Vec<&UnixStream> = self
+                let conns: Vec<std::os::fd::BorrowedFd<'_>> = self
                     .apps
                     .iter()
                     .flat_map(|set| set.conns.values())
-                    .map(|c| &c.stream)
+                    .filter_map(|c| c.watch_fd())
                     .collect();
                 for c in &conns {
-                    pfds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+                    pfds.push(PollFd::new(*c, PollFlags::POLLIN));
                 }
                 let mut wait = Duration::from_millis(if busy { 20 } else { 1000 });
                 if let Some(w) = self.watch_timeout() {
@@ -910,10 +1109,16 @@ impl Daemon {
                 }
             }
             self.watch_servers();
+            let mut changed = false;
             for i in 0..self.services.len() {
-                self.services[i].reap();
+                changed |= self.services[i].reap();
                 let log = self.service_log(i);
-                self.services[i].restart_if_due(&instance, &log);
+                changed |= self.services[i].restart_if_due(&instance, &log);
+            }
+            if changed {
+                if let Err(e) = self.write_state() {
+                    warn!(%e, "could not write the state file");
+                }
             }
             for fd in hung_up {
                 self.app_readable(fd);
@@ -983,10 +1188,11 @@ impl Daemon {
     /// in a restart-all came, and notices restarted ones running. Never waits on a child.
     fn watch_servers(&mut self) {
         for i in 0..self.servers.len() {
-            let exited = self.servers[i]
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let s = &mut self.servers[i];
+            let exited = match s.child.as_mut() {
+                Some(c) => c.try_exit(s.pidfd.as_ref()),
+                None => None,
+            };
             if let Some(status) = exited {
                 self.on_exit(i, status);
             }
@@ -1042,16 +1248,17 @@ impl Daemon {
         t
     }
 
-    /// Server `i` exited with `status`: record it, free what it held, and restart it per its
-    /// policy.
-    fn on_exit(&mut self, i: usize, status: ExitStatus) {
+    /// Server `i` exited with `status` (None: a re-adopted server, not our child, whose
+    /// status nobody can know): record it, free what it held, and restart it per its policy.
+    fn on_exit(&mut self, i: usize, status: Option<ExitStatus>) {
         let now = Instant::now();
         let s = &mut self.servers[i];
         let pid = s.pid();
         s.child = None;
         s.pidfd = None;
         let doomed = s.doom.is_some();
-        let reason = s.doom.take().unwrap_or_else(|| describe_exit(status));
+        let how = status.map_or_else(|| procs::STATUS_UNKNOWN.to_string(), describe_exit);
+        let reason = s.doom.take().unwrap_or_else(|| how.clone());
         // The outage began when it was seen, or when `keepnet kill` signalled it if that
         // came first (a stale kill, one that did not end the process, does not count).
         let mut since = s.outage_since.unwrap_or(now);
@@ -1065,7 +1272,7 @@ impl Daemon {
         let ran = now.duration_since(s.started);
         if doomed {
             // Already reported as detected when the supervisor killed it.
-            info!(server = s.name, pid, %status, "killed instance reaped");
+            info!(server = s.name, pid, status = %how, "killed instance reaped");
         } else {
             warn!(
                 server = s.name,
@@ -1088,11 +1295,15 @@ impl Daemon {
             s.outage_since = Some(since);
             return;
         }
-        if s.sup.restart == RestartPolicy::Transient && status.code() == Some(0) {
+        if s.sup.restart == RestartPolicy::Transient && status.and_then(|st| st.code()) == Some(0) {
             let why = "exited with code 0; restart = \"transient\": not restarted".to_string();
             info!(server = s.name, pid, "{why}");
-            s.phase = Phase::Stopped(why);
+            s.phase = Phase::Stopped(why.clone());
             s.outage_since = None;
+            let name = s.name;
+            if let Some(set) = self.apps.iter_mut().find(|set| set.label == name) {
+                set.server_failed(&format!("stopped: {why}"));
+            }
             let _ = self.write_state();
             return;
         }
@@ -1164,8 +1375,14 @@ impl Daemon {
             format!("failed: {limit}; not restarting")
         };
         error!(server = s.name, reason = %why, "server failed");
-        let s = &mut self.servers[i];
-        s.phase = Phase::Failed(why);
+        let (name, n, window) = (s.name, s.history.len(), s.sup.window.as_secs());
+        self.servers[i].phase = Phase::Failed(why);
+        // Its applications would wait for ever: their library fails their calls instead.
+        if let Some(set) = self.apps.iter_mut().find(|set| set.label == name) {
+            set.server_failed(&format!(
+                "restart limit reached: {n} restarts in {window} s; not restarting"
+            ));
+        }
         let _ = self.write_state();
     }
 
@@ -1180,13 +1397,11 @@ impl Daemon {
             s.failed_starts = 0;
             s.restarts += 1;
             s.outage_since = Some(s.outage_since.unwrap_or(now));
-            if let Some(child) = &s.child {
-                let pid = child.id();
+            if s.child.is_some() {
                 s.doom = Some(format!(
                     "killed by the supervisor: restart-all after {name} hit its restart limit"
                 ));
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+                let _ = s.signal(Signal::SIGKILL);
             }
             s.phase = Phase::Queued;
         }
@@ -1220,7 +1435,7 @@ impl Daemon {
             warn!(server = s.name, pid, reason = %why, "detected");
             s.outage_since = Some(s.outage_since.unwrap_or(now));
             s.doom = Some(why);
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = s.signal(Signal::SIGKILL);
         }
     }
 
@@ -1229,6 +1444,7 @@ impl Daemon {
     fn on_running(&mut self, i: usize, now: Instant) {
         let s = &mut self.servers[i];
         s.phase = Phase::Up;
+        s.exe = procs::exe(s.pid());
         s.beat = (s.control.heartbeat(), now);
         s.beat_wait = None;
         let outage = s.outage_since.take();
@@ -1240,11 +1456,13 @@ impl Daemon {
             s.last_recovery_us = recovery_us;
         }
         let (name, pid, generation) = (s.name, s.pid(), s.control.generation().get());
-        if let Some(set) = self.apps.iter().find(|set| set.label == name) {
+        if let Some(set) = self.apps.iter_mut().find(|set| set.label == name) {
             // The fresh transport server maps every live application's region again.
             let servers = &mut self.servers;
             let mut drain = || hotplug_drain(&mut servers[i]);
             set.resend_all(&mut drain);
+            // Applications told it had failed may use it again.
+            set.server_back();
         }
         info!(
             server = name,
@@ -1265,7 +1483,7 @@ impl Daemon {
         if s.doom.is_some() {
             return;
         }
-        let Some(pid) = s.child.as_ref().map(Child::id) else {
+        let Some(pid) = s.child.as_ref().map(Proc::id) else {
             return;
         };
         let beat = s.control.heartbeat();
@@ -1297,7 +1515,7 @@ impl Daemon {
                 starved.as_millis()
             )
         };
-        warn!(server = s.name, pid, reason = %why, "detected");
+        warn!(server = s.name, pid, reason = %why, stuck_in = %stuck_in(pid), "detected");
         let mut since = now;
         if let Some((t, p)) = s.kill_sent {
             if p == pid && now.duration_since(t) <= kill_memory(&s.sup) {
@@ -1306,7 +1524,7 @@ impl Daemon {
         }
         s.outage_since = Some(since);
         s.doom = Some(why);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        let _ = s.signal(Signal::SIGKILL);
     }
 
     /// `keepnet kill SERVER [--signal SIG | --scribble]`.
@@ -1352,7 +1570,7 @@ impl Daemon {
         }
         let sig = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
         s.kill_sent = Some((Instant::now(), pid));
-        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig) {
+        if let Err(e) = s.signal(sig) {
             s.kill_sent = None;
             return Err(format!(
                 "kill {server} (pid {pid}) with {}: {e}",
@@ -1383,12 +1601,18 @@ impl Daemon {
             let Some(c) = self.apps[k].conns.get(&app) else {
                 return;
             };
-            let _ = c.stream.set_nonblocking(true);
-            let mut buf = [0u8; 256];
-            match (&c.stream).read(&mut buf) {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            match &c.stream {
+                Some(stream) => {
+                    let _ = stream.set_nonblocking(true);
+                    let mut buf = [0u8; 256];
+                    match (&*stream).read(&mut buf) {
+                        Ok(0) => true,
+                        Ok(_) => false,
+                        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                    }
+                }
+                // Re-adopted: its pidfd turned readable, it exited.
+                None => c.pidfd.as_ref().is_none_or(pidfd_exited),
             }
         };
         if gone {
@@ -1397,6 +1621,9 @@ impl Daemon {
             let (apps, servers) = (&mut self.apps, &mut self.servers);
             let mut drain = || server.is_some_and(|i| hotplug_drain(&mut servers[i]));
             apps[k].detach(app, &mut drain);
+            if let Err(e) = self.write_state() {
+                warn!(%e, "could not write the state file");
+            }
         }
     }
 
@@ -1539,6 +1766,12 @@ impl Daemon {
         let mut drain = || hotplug_drain(&mut servers[server]);
         match apps[k].attach(&instance, stream, &mut drain) {
             Ok(app) => {
+                // On disk before the application hears of it: an application that got its
+                // region is always in the state file (a supervisor that dies now leaves its
+                // successor the application to watch).
+                if let Err(e) = self.write_state() {
+                    warn!(%e, "could not write the state file");
+                }
                 let Some(conn) = self.apps[k].conns.get(&app) else {
                     return;
                 };
@@ -1574,9 +1807,9 @@ impl Daemon {
             set.conns.clear();
         }
         for s in self.servers.iter_mut().rev() {
-            s.pidfd = None;
+            let pidfd = s.pidfd.take();
             s.phase = Phase::Stopped("stopped by keepnet down".into());
-            let Some(mut child) = s.child.take() else {
+            let Some(child) = s.child.take() else {
                 continue;
             };
             s.seq = s.seq.wrapping_add(1);
@@ -1590,17 +1823,36 @@ impl Daemon {
             if let Err(RequestError::Timeout(_)) | Err(RequestError::Full) = polite {
                 warn!(server = s.name, "no answer to stop; killing");
             }
-            let end = Instant::now() + Duration::from_secs(2);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < end => {
-                        std::thread::sleep(Duration::from_millis(5))
+            match child {
+                Proc::Child(mut child) => {
+                    let end = Instant::now() + Duration::from_secs(2);
+                    loop {
+                        match child.try_wait() {
+                            Ok(Some(_)) => break,
+                            Ok(None) if Instant::now() < end => {
+                                std::thread::sleep(Duration::from_millis(5))
+                            }
+                            _ => {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                                break;
+                            }
+                        }
                     }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
+                }
+                // Re-adopted: not our child, seen gone through its pidfd and killed through
+                // it (never a reused pid).
+                Proc::Adopted { pid } => {
+                    if let Some(fd) = &pidfd {
+                        if !procs::pidfd_wait(fd, Duration::from_secs(2)) {
+                            let _ = procs::pidfd_send_signal(fd.as_fd(), Signal::SIGKILL);
+                            procs::pidfd_wait(fd, Duration::from_secs(2));
+                        }
+                    }
+                    // Its reaper is init: a moment for it, so `down` leaves nothing behind.
+                    let end = Instant::now() + Duration::from_secs(1);
+                    while procs::exists_as(pid, s.start) && Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                 }
             }
@@ -1623,6 +1875,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A re-adoption that failed half-way leaves the servers it found as they were.
+        if self.disowned {
+            return;
+        }
         self.shutdown();
     }
 }
@@ -1819,6 +2075,29 @@ fn join_wire(
             Ok((Wire::open(region).map_err(shm)?, (a, b)))
         }
     }
+}
+
+/// Where a hung process is, for the log: its scheduler state, the kernel function it sleeps
+/// in, and (for root) the top of its kernel stack.
+fn stuck_in(pid: u32) -> String {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_string();
+            rest.split_whitespace().next().map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".into());
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let stack: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/stack"))
+        .unwrap_or_default()
+        .lines()
+        .take(4)
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_string())
+        .collect();
+    format!(
+        "state {state}, wchan {wchan:?}, stack [{}]",
+        stack.join(" < ")
+    )
 }
 
 #[cfg(test)]

@@ -12,6 +12,11 @@
 //! * `refused ADDR:PORT`: a connect that must fail; prints `err KIND`.
 //! * `hold-accept PORT N`: listens on PORT, prints `listening`, accepts N connections and
 //!   holds them all, prints `held N`, then waits for EOF on stdin and exits.
+//! * `wait-down ADDR:PORT`: connects, listens on an ephemeral port, prints `ready`, then
+//!   blocks in a read of the connection (no timeout: the test kills it if it hangs) while
+//!   another thread blocks in accept, until the tcp server is down for good. Prints
+//!   `down READ_KIND ACCEPT_KIND: MESSAGE` (the read's error), exits 0 if both failed with
+//!   `ConnectionAborted` saying the server is down.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -53,9 +58,10 @@ fn main() {
         ["half-close", to] => half_close(to.parse().expect("ADDR:PORT")),
         ["refused", to] => refused(to.parse().expect("ADDR:PORT")),
         ["hold-accept", port, n] => hold_accept(port.parse().expect("PORT"), n.parse().expect("N")),
+        ["wait-down", to] => wait_down(to.parse().expect("ADDR:PORT")),
         _ => {
             eprintln!(
-                "usage: kn-tcp-app echo-client ADDR:PORT BYTES SEED | half-close ADDR:PORT | refused ADDR:PORT | hold-accept PORT N"
+                "usage: kn-tcp-app echo-client ADDR:PORT BYTES SEED | half-close ADDR:PORT | refused ADDR:PORT | hold-accept PORT N | wait-down ADDR:PORT"
             );
             std::process::exit(2);
         }
@@ -227,4 +233,27 @@ fn hold_accept(port: u16, n: usize) -> Result<String, String> {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     Ok(format!("released {}", held.len()))
+}
+
+fn wait_down(to: SocketAddr) -> Result<String, String> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    let l = keepnet_sockets::TcpListener::bind("0.0.0.0:0").map_err(|e| format!("listen: {e}"))?;
+    let accept = std::thread::spawn(move || l.accept().map(|_| ()));
+    println!("ready");
+    let mut buf = [0u8; 4096];
+    let read = (&s).read(&mut buf);
+    let accept = accept.join().map_err(|_| "the accept thread panicked")?;
+    let (Err(r), Err(a)) = (read, accept) else {
+        return Err("a read or an accept succeeded".into());
+    };
+    let line = format!("down {:?} {:?}: {r}", r.kind(), a.kind());
+    let clear = |e: &std::io::Error| {
+        e.kind() == ErrorKind::ConnectionAborted && e.to_string().contains("server is down")
+    };
+    if clear(&r) && clear(&a) {
+        Ok(line)
+    } else {
+        Err(format!("{line} / accept: {a}"))
+    }
 }

@@ -26,7 +26,7 @@ pub enum Command {
     /// once every server and service is ready.
     ///
     /// The supervisor then watches each server: an exit is seen at once (pidfd), a hang when
-    /// its heartbeat stops for two periods (`heartbeat_ms`, default 100); either way the
+    /// its heartbeat stops for two periods (`heartbeat_ms`, default 250); either way the
     /// server is restarted on the same shared memory, at once after a healthy run, with
     /// exponential backoff in a crash loop, and at most `max_restarts` times in `window_s`
     /// (then `on_limit`: "stop" leaves it failed, "restart-all" restarts every server). See

@@ -253,7 +253,7 @@ pub struct ServersConfig {
     /// "permanent" (default: restart after every exit) or "transient" (restart only after an
     /// abnormal exit: a signal or a non-zero exit code).
     pub restart: Option<RestartPolicy>,
-    /// Heartbeat period P in ms (default 100, at least `placement.park_timeout_ms`): a server
+    /// Heartbeat period P in ms (default 250, at least `placement.park_timeout_ms`): a server
     /// whose heartbeat has not moved for 2P is hung; it is killed and restarted.
     pub heartbeat_ms: Option<u64>,
     /// A run shorter than this (ms, default 1000) counts as a failed start: consecutive
@@ -317,7 +317,7 @@ impl Default for Supervision {
     fn default() -> Self {
         Supervision {
             restart: RestartPolicy::Permanent,
-            heartbeat: Duration::from_millis(100),
+            heartbeat: Duration::from_millis(250),
             min_runtime: Duration::from_millis(1000),
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_millis(5000),
@@ -864,7 +864,7 @@ mod tests {
             let s = c.supervision(name);
             assert_eq!(s, Supervision::default());
             assert_eq!(s.restart, RestartPolicy::Permanent);
-            assert_eq!(s.heartbeat, Duration::from_millis(100));
+            assert_eq!(s.heartbeat, Duration::from_millis(250));
             assert_eq!(s.min_runtime, Duration::from_millis(1000));
             assert_eq!(s.backoff_initial, Duration::from_millis(50));
             assert_eq!(s.backoff_max, Duration::from_millis(5000));

@@ -165,6 +165,16 @@ fn a_hundred_concurrent_connections_each_echo_10_mib_intact() {
             10 << 20
         ),
     );
+    if !o.status.success() {
+        // Whether a server was restarted meanwhile, and why: the first thing to know.
+        let st = lab.status();
+        for s in st["servers"].as_array().into_iter().flatten() {
+            eprintln!(
+                "{}: restarts {}, last exit {}",
+                s["name"], s["restarts"], s["last_exit"]
+            );
+        }
+    }
     assert!(o.status.success());
     let line = String::from_utf8_lossy(&o.stdout);
     let v: serde_json::Value =

@@ -106,21 +106,11 @@ impl Lab {
 
     /// Runs `keepnet ARGS --config CONFIG` against this lab, echoing what it printed.
     pub fn keepnet(&self, args: &[&str]) -> Output {
-        let out = Command::new(&self.keepnet)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("KEEPNET_RUN_DIR", &self.run_dir)
-            .output()
-            .expect("run keepnet");
-        eprintln!(
-            "$ keepnet {} -> {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        echoed(
+            "",
+            run_keepnet(&self.keepnet, &self.config, &self.run_dir, args),
+            args,
+        )
     }
 
     /// `keepnet up --netns NS`, asserting success.
@@ -298,4 +288,35 @@ pub fn counter(st: &serde_json::Value, srv: &str, name: &str) -> u64 {
         .as_u64()
         .or_else(|| s["drops"][name.trim_start_matches("drop.")].as_u64())
         .unwrap_or(0)
+}
+
+/// Runs `KEEPNET ARGS --config CONFIG` with `KEEPNET_RUN_DIR=RUN_DIR` and no stdin; what it
+/// printed comes back, not echoed.
+pub fn run_keepnet(keepnet: &Path, config: &Path, run_dir: &Path, args: &[&str]) -> Output {
+    Command::new(keepnet)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("KEEPNET_RUN_DIR", run_dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run keepnet")
+}
+
+/// Echoes a `keepnet` run to stderr (`$ keepnet ARGS (WHO) -> status`, then its output) and
+/// returns it.
+pub fn echoed(who: &str, out: Output, args: &[&str]) -> Output {
+    let who = if who.is_empty() {
+        String::new()
+    } else {
+        format!(" ({who})")
+    };
+    eprintln!(
+        "$ keepnet {}{who} -> {}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

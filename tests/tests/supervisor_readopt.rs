@@ -19,7 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_tests::harness::{heavy_lock, Watchdog};
-use keepnet_tests::lab::binary;
+use keepnet_tests::lab::{binary, echoed, run_keepnet};
 use serde_json::Value;
 
 /// How status names the exit of a server the supervisor re-adopted (not its child).
@@ -35,27 +35,11 @@ struct Instance {
 
 impl Instance {
     fn keepnet(&self, args: &[&str]) -> Output {
-        let out = self.keepnet_quiet(args);
-        eprintln!(
-            "$ keepnet {} ({}) -> {}\n{}{}",
-            args.join(" "),
-            self.name,
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        echoed(&self.name, self.keepnet_quiet(args), args)
     }
 
     fn keepnet_quiet(&self, args: &[&str]) -> Output {
-        Command::new(binary("keepnet"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("KEEPNET_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run keepnet")
+        run_keepnet(&binary("keepnet"), &self.config, &self.run_dir, args)
     }
 
     fn up(dir: &Path, name: &str, toml: &str) -> Instance {

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use keepnet_tests::harness::{heavy_lock, Watchdog};
-use keepnet_tests::lab::binary;
+use keepnet_tests::lab::{binary, echoed, run_keepnet};
 use serde_json::Value;
 
 /// An instance on the memory wire, brought up by the test and down again on every exit path.
@@ -45,26 +45,11 @@ impl Instance {
     }
 
     fn keepnet(&self, args: &[&str]) -> Output {
-        let out = self.keepnet_quiet(args);
-        eprintln!(
-            "$ keepnet {} -> {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        echoed("", self.keepnet_quiet(args), args)
     }
 
     fn keepnet_quiet(&self, args: &[&str]) -> Output {
-        Command::new(binary("keepnet"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("KEEPNET_RUN_DIR", &self.run_dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run keepnet")
+        run_keepnet(&binary("keepnet"), &self.config, &self.run_dir, args)
     }
 
     fn start(&mut self) {

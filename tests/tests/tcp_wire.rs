@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use keepnet_tests::harness::Watchdog;
-use keepnet_tests::lab::binary;
+use keepnet_tests::lab::{binary, echoed, run_keepnet};
 
 /// An instance brought up by the test and brought down again on every exit path.
 struct Instance {
@@ -19,21 +19,8 @@ struct Instance {
 
 impl Instance {
     fn keepnet(&self, args: &[&str]) -> Output {
-        let out = Command::new(binary("keepnet"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env("KEEPNET_RUN_DIR", &self.run_dir)
-            .output()
-            .expect("run keepnet");
-        eprintln!(
-            "$ keepnet {} -> {}\n{}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        let out = run_keepnet(&binary("keepnet"), &self.config, &self.run_dir, args);
+        echoed("", out, args)
     }
 
     fn up(dir: &Path, name: &str, toml: &str) -> Instance {

@@ -312,6 +312,8 @@ impl IpServer {
 }
 
 impl Server for IpServer {
+    const STATE_FORMATS: (u32, u32) = (1, SNAPSHOT_FORMAT);
+
     fn poll(&mut self) -> Result<Progress, ServerError> {
         let now = now();
         let mut work = self.tx_free.collect(

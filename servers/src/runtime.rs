@@ -46,6 +46,11 @@ pub enum ServerError {
 
 /// A server: polled one batch at a time by [`run`].
 pub trait Server {
+    /// The snapshot formats this build reads, oldest to newest; it writes the newest. `--version`
+    /// prints them, so a supervisor can check a binary before a live update hands it a
+    /// snapshot (a server without private state keeps the default).
+    const STATE_FORMATS: (u32, u32) = (1, 1);
+
     /// Processes one batch of work (bounded: a few dozen items) and says how much was done.
     /// Returning an error stops the server with a non-zero exit (the supervisor restarts it).
     fn poll(&mut self) -> Result<Progress, ServerError>;
@@ -366,7 +371,7 @@ where
     F: FnOnce(&mut Boot) -> Result<S, ServerError>,
 {
     if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("keepnet-{name} {BUILD_VERSION}");
+        println!("{}", version_line(name, S::STATE_FORMATS));
         return ExitCode::SUCCESS;
     }
     crate::telemetry::init();
@@ -424,6 +429,15 @@ where
             ExitCode::from(1)
         }
     }
+}
+
+/// What a server binary answers to `--version`: `keepnet-NAME BUILD state-format NEWEST reads
+/// OLDEST-NEWEST` (one line; the supervisor parses it before a live update).
+pub fn version_line(name: &str, formats: (u32, u32)) -> String {
+    format!(
+        "keepnet-{name} {BUILD_VERSION} state-format {} reads {}-{}",
+        formats.1, formats.0, formats.1
+    )
 }
 
 /// Standby: parks on the standby doorbell until the supervisor hands over.

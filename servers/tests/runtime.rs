@@ -326,3 +326,19 @@ fn killed_server_is_replaced_without_loss() {
     assert_eq!(kills, 10);
     drop(server);
 }
+
+#[test]
+fn version_names_the_build_and_the_state_formats_it_reads() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kn-relay"))
+        .arg("--version")
+        .output()
+        .expect("run kn-relay --version");
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        line.trim(),
+        keepnet_server::runtime::version_line("relay", (1, 1)),
+        "{line}"
+    );
+    assert!(line.contains("state-format 1 reads 1-1"), "{line}");
+}

@@ -2420,6 +2420,8 @@ fn emit_to(
 }
 
 impl Server for TcpServer {
+    const STATE_FORMATS: (u32, u32) = (1, SNAPSHOT_FORMAT);
+
     fn poll(&mut self) -> Result<Progress, ServerError> {
         let now = now_us();
         let mut work = self.send_free.collect(

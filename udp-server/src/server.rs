@@ -1092,6 +1092,8 @@ fn send_one(
 }
 
 impl Server for UdpServer {
+    const STATE_FORMATS: (u32, u32) = (1, SNAPSHOT_FORMAT);
+
     fn poll(&mut self) -> Result<Progress, ServerError> {
         let mut work = self.send_free.collect(
             &self.link.send_pool,

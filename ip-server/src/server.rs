@@ -407,21 +407,11 @@ impl Server for IpServer {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
-        codec::encode(
-            "ip",
-            SNAPSHOT_FORMAT,
-            env!("CARGO_PKG_VERSION"),
-            &self.stack.save(now()),
-        )
-        .map_err(|e| ServerError::Snapshot(e.to_string()))
+        codec::save("ip", SNAPSHOT_FORMAT, &self.stack.save(now()))
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
-        let snap = codec::decode(snapshot, "ip", 1..=SNAPSHOT_FORMAT)
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
-        let state: SavedState = snap
-            .state()
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        let state: SavedState = codec::load(snapshot, "ip", 1..=SNAPSHOT_FORMAT)?;
         self.stack
             .restore(now(), &state)
             .map_err(ServerError::Restore)

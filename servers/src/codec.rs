@@ -166,6 +166,29 @@ pub fn decode<'a>(
     Ok(Snapshot { header, payload })
 }
 
+/// A server's [`crate::Server::snapshot`]: `state` encoded with [`crate::runtime::BUILD_VERSION`], the
+/// error as the runtime reports it.
+pub fn save<T: Serialize>(
+    server: &str,
+    format_version: u32,
+    state: &T,
+) -> Result<Vec<u8>, crate::ServerError> {
+    encode(server, format_version, crate::runtime::BUILD_VERSION, state)
+        .map_err(|e| crate::ServerError::Snapshot(e.to_string()))
+}
+
+/// A server's [`crate::Server::restore`] of a snapshot in one of `formats` decoded as `T`
+/// (every check of [`decode`]), the error as the runtime reports it.
+pub fn load<T: DeserializeOwned>(
+    bytes: &[u8],
+    server: &str,
+    formats: std::ops::RangeInclusive<u32>,
+) -> Result<T, crate::ServerError> {
+    decode(bytes, server, formats)
+        .and_then(|snap| snap.state())
+        .map_err(|e| crate::ServerError::Restore(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2515,16 +2515,11 @@ impl Server for TcpServer {
             conns,
             listeners,
         };
-        codec::encode("tcp", SNAPSHOT_FORMAT, env!("CARGO_PKG_VERSION"), &snap)
-            .map_err(|e| ServerError::Snapshot(e.to_string()))
+        codec::save("tcp", SNAPSHOT_FORMAT, &snap)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
-        let snap = codec::decode(snapshot, "tcp", 1..=SNAPSHOT_FORMAT)
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
-        let s: SnapshotV1 = snap
-            .state()
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        let s: SnapshotV1 = codec::load(snapshot, "tcp", 1..=SNAPSHOT_FORMAT)?;
         // Everything is checked before anything is applied.
         let refuse = |why: String| Err(ServerError::Restore(why));
         let live = (0..self.state.conn_hwm())

@@ -1159,16 +1159,11 @@ impl Server for UdpServer {
         let s = Snapshot {
             ephemeral_cursor: self.engine.ephemeral_cursor(),
         };
-        codec::encode("udp", SNAPSHOT_FORMAT, env!("CARGO_PKG_VERSION"), &s)
-            .map_err(|e| ServerError::Snapshot(e.to_string()))
+        codec::save("udp", SNAPSHOT_FORMAT, &s)
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
-        let snap = codec::decode(snapshot, "udp", 1..=SNAPSHOT_FORMAT)
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
-        let s: Snapshot = snap
-            .state()
-            .map_err(|e| ServerError::Restore(e.to_string()))?;
+        let s: Snapshot = codec::load(snapshot, "udp", 1..=SNAPSHOT_FORMAT)?;
         self.engine.set_ephemeral_cursor(s.ephemeral_cursor);
         Ok(())
     }

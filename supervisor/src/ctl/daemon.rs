@@ -1824,22 +1824,7 @@ impl Daemon {
                 warn!(server = s.name, "no answer to stop; killing");
             }
             match child {
-                Proc::Child(mut child) => {
-                    let end = Instant::now() + Duration::from_secs(2);
-                    loop {
-                        match child.try_wait() {
-                            Ok(Some(_)) => break,
-                            Ok(None) if Instant::now() < end => {
-                                std::thread::sleep(Duration::from_millis(5))
-                            }
-                            _ => {
-                                let _ = child.kill();
-                                let _ = child.wait();
-                                break;
-                            }
-                        }
-                    }
-                }
+                Proc::Child(mut child) => procs::reap_within(&mut child, Duration::from_secs(2)),
                 // Re-adopted: not our child, seen gone through its pidfd and killed through
                 // it (never a reused pid).
                 Proc::Adopted { pid } => {

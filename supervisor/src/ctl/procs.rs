@@ -45,6 +45,24 @@ impl Proc {
     }
 }
 
+/// Waits up to `limit` for our child to exit, then kills it; reaps it either way.
+pub fn reap_within(child: &mut Child, limit: std::time::Duration) {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+        }
+    }
+}
+
 fn raw_pid(pid: u32) -> std::io::Result<libc::pid_t> {
     libc::pid_t::try_from(pid)
         .ok()

@@ -169,20 +169,7 @@ impl ServiceProc {
             Proc::Child(mut child) => {
                 let pid = nix::unistd::Pid::from_raw(child.id() as i32);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                let end = Instant::now() + grace;
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) => break,
-                        Ok(None) if Instant::now() < end => {
-                            std::thread::sleep(Duration::from_millis(5))
-                        }
-                        _ => {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            break;
-                        }
-                    }
-                }
+                procs::reap_within(&mut child, grace);
             }
             Proc::Adopted { .. } => {
                 // Not our child: signalled through its pidfd (never a reused pid), seen gone

@@ -17,7 +17,9 @@ use keepnet_ipc::{
     SharedU64,
 };
 
-const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"KNCTRL01");
+/// Bumped whenever [`ControlShm`] or the layout after it changes: a live update hands the
+/// block to a binary built from other sources, which must refuse a layout it does not know.
+const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"KNCTRL02");
 const CMD_TAG: u32 = 0xC0DE_0001;
 const REPLY_TAG: u32 = 0xC0DE_0002;
 const RING_CAP: usize = 64;
@@ -82,13 +84,19 @@ pub enum Command {
     /// server produces on, then abort. The message's `value` is the pid it is meant for; any
     /// other instance (a successor reading a stale command) ignores it. No reply.
     Scribble,
+    /// Live update: at the next batch boundary, write a snapshot into the snapshot area,
+    /// reserve the standby successor whose pid is the message's `value`, reply with the
+    /// snapshot's length, release every ring and hand over to that successor, then exit.
+    /// On any failure reply an error and go on serving (nothing was released).
+    Handoff,
 }
 
 /// A slot on the command and reply rings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ControlMsg {
-    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop, 6 Hotplug, 7 Scribble; replies:
+    /// 1 Quiesce, 2 Snapshot, 3 Restore, 4 Resume, 5 Stop, 6 Hotplug, 7 Scribble, 8 Handoff;
+    /// replies:
     /// 100 Ok, 101 Err.
     pub kind: u32,
     /// The request id a reply answers.
@@ -118,6 +126,7 @@ impl ControlMsg {
             Command::Stop => 5,
             Command::Hotplug => 6,
             Command::Scribble => 7,
+            Command::Handoff => 8,
         };
         ControlMsg {
             kind,
@@ -136,6 +145,7 @@ impl ControlMsg {
             5 => Command::Stop,
             6 => Command::Hotplug,
             7 => Command::Scribble,
+            8 => Command::Handoff,
             _ => return None,
         })
     }
@@ -164,13 +174,26 @@ struct ControlShm {
     bad_commands: u64,
     snapshot_capacity: u64,
     snapshot_len: u64,
-    /// Pid of a successor waiting in standby (live update), 0 if none.
+    /// Two slots for processes waiting in standby (live update: the successor, and the
+    /// predecessor's binary kept ready for a rollback): each holds a pid, with
+    /// [`STANDBY_RESERVED`] set once the running instance has reserved it for its handover.
     standby_pid: u64,
-    /// Set by the supervisor to release a standby successor: see [`Handover`].
+    standby_pid2: u64,
+    /// The order to a standby process: its pid in the high 32 bits, a [`Handover`] below.
     handover: u64,
     /// Written by the successor: 1 took over, 2 refused (it then exits non-zero).
     handover_result: u64,
+    /// CLOCK_MONOTONIC ns at which an instance that handed over stopped polling.
+    handoff_ns: u64,
+    /// CLOCK_MONOTONIC ns of the first poll of the instance now running.
+    first_poll_ns: u64,
+    /// The snapshot formats the running build reads: newest in the low 32 bits, oldest above.
+    state_formats: u64,
 }
+
+/// Set in a standby slot once the running instance has reserved that standby for its
+/// handover: the standby may no longer withdraw.
+pub const STANDBY_RESERVED: u64 = 1 << 32;
 
 /// What a standby successor is told to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -277,6 +300,12 @@ impl Counter {
     pub fn add(&self, n: u64) {
         if let Some(c) = &self.0 {
             c.atomic().fetch_add(n, Ordering::Relaxed);
+        }
+    }
+    /// Sets the value (a gauge, or state a successor restored).
+    pub fn set(&self, v: u64) {
+        if let Some(c) = &self.0 {
+            c.atomic().store(v, Ordering::Relaxed);
         }
     }
     /// Adds one.
@@ -491,18 +520,76 @@ impl ControlBlock {
         }
     }
 
-    /// Pid of the successor waiting in standby (0 if none).
-    pub fn standby_pid(&self) -> u32 {
-        self.cell(field!(standby_pid)).load(Ordering::Acquire) as u32
-    }
-    pub(crate) fn set_standby_pid(&self, pid: u32) {
-        self.cell(field!(standby_pid))
-            .store(u64::from(pid), Ordering::Release)
+    fn standby_slots(&self) -> [&AtomicU64; 2] {
+        [
+            self.cell(field!(standby_pid)),
+            self.cell(field!(standby_pid2)),
+        ]
     }
 
-    /// The current handover order.
-    pub fn handover(&self) -> Handover {
-        match self.cell(field!(handover)).load(Ordering::Acquire) {
+    /// Whether process `pid` waits in standby on this block (registered, reserved or not).
+    pub fn is_standby(&self, pid: u32) -> bool {
+        pid != 0
+            && self
+                .standby_slots()
+                .iter()
+                .any(|c| c.load(Ordering::Acquire) as u32 == pid)
+    }
+
+    /// The pids waiting in standby (0 for a free slot).
+    pub fn standby_pids(&self) -> [u32; 2] {
+        self.standby_slots()
+            .map(|c| c.load(Ordering::Acquire) as u32)
+    }
+
+    /// Standby: takes a free slot for `pid`; false if both are taken.
+    pub(crate) fn register_standby(&self, pid: u32) -> bool {
+        self.standby_slots().iter().any(|c| {
+            c.compare_exchange(0, u64::from(pid), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        })
+    }
+
+    /// Standby: gives up its slot (its supervisor is gone). False if the running instance
+    /// reserved it first: the handover is then on its way and must be taken.
+    pub(crate) fn withdraw_standby(&self, pid: u32) -> bool {
+        let mine = u64::from(pid);
+        for c in self.standby_slots() {
+            if c.compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return true;
+            }
+            if c.load(Ordering::Acquire) == mine | STANDBY_RESERVED {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Running instance: reserves standby `pid` for its handover. False if no such standby
+    /// waits (it withdrew or never came): the running instance then keeps serving.
+    pub(crate) fn reserve_standby(&self, pid: u32) -> bool {
+        let mine = u64::from(pid);
+        self.standby_slots().iter().any(|c| {
+            mine != 0
+                && c.compare_exchange(
+                    mine,
+                    mine | STANDBY_RESERVED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        })
+    }
+
+    /// The current order to standby process `pid` (`Wait` if the order is for another).
+    pub fn handover_for(&self, pid: u32) -> Handover {
+        let v = self.cell(field!(handover)).load(Ordering::Acquire);
+        if (v >> 32) as u32 != pid {
+            return Handover::Wait;
+        }
+        match v & 0xffff_ffff {
             1 => Handover::Restore,
             2 => Handover::Fresh,
             3 => Handover::Abort,
@@ -510,22 +597,64 @@ impl ControlBlock {
         }
     }
 
-    /// Supervisor: releases the standby successor (after the predecessor has exited and so
-    /// released its rings). Resets the result first.
-    pub fn hand_over(&self, order: Handover) {
+    /// Gives standby process `pid` its order (the supervisor, or the running instance once
+    /// it has released its rings). Resets the result first.
+    pub fn hand_over(&self, pid: u32, order: Handover) {
         self.cell(field!(handover_result))
             .store(0, Ordering::Release);
         self.cell(field!(handover))
-            .store(order as u64, Ordering::Release);
+            .store(u64::from(pid) << 32 | order as u64, Ordering::Release);
         self.standby_doorbell().ring();
     }
 
-    /// Supervisor: prepares the block for a new standby successor.
+    /// Supervisor: prepares the block for new standby processes (none may be waiting).
     pub fn clear_handover(&self) {
         self.cell(field!(handover)).store(0, Ordering::Release);
         self.cell(field!(handover_result))
             .store(0, Ordering::Release);
-        self.cell(field!(standby_pid)).store(0, Ordering::Release);
+        for c in self.standby_slots() {
+            c.store(0, Ordering::Release);
+        }
+    }
+
+    /// Frees the standby slot of `pid` (a standby that exited or was killed).
+    pub fn forget_standby(&self, pid: u32) {
+        for c in self.standby_slots() {
+            let v = c.load(Ordering::Acquire);
+            if v as u32 == pid && pid != 0 {
+                let _ = c.compare_exchange(v, 0, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Monotonic ns at which the last instance that handed over stopped polling (0: none).
+    pub fn handoff_ns(&self) -> u64 {
+        self.cell(field!(handoff_ns)).load(Ordering::Acquire)
+    }
+    pub(crate) fn set_handoff_ns(&self, ns: u64) {
+        self.cell(field!(handoff_ns)).store(ns, Ordering::Release)
+    }
+
+    /// Monotonic ns of the running instance's first poll (0 until it polls).
+    pub fn first_poll_ns(&self) -> u64 {
+        self.cell(field!(first_poll_ns)).load(Ordering::Acquire)
+    }
+    pub(crate) fn set_first_poll_ns(&self, ns: u64) {
+        self.cell(field!(first_poll_ns))
+            .store(ns, Ordering::Release)
+    }
+
+    /// The snapshot formats (oldest, newest) the running build reads, as it said at start;
+    /// None before any build said.
+    pub fn state_formats(&self) -> Option<(u32, u32)> {
+        let v = self.cell(field!(state_formats)).load(Ordering::Acquire);
+        (v != 0).then_some(((v >> 32) as u32, v as u32))
+    }
+    pub(crate) fn set_state_formats(&self, (oldest, newest): (u32, u32)) {
+        self.cell(field!(state_formats)).store(
+            u64::from(oldest) << 32 | u64::from(newest),
+            Ordering::Release,
+        )
     }
 
     /// The successor's answer: None while pending, Some(true) took over, Some(false) refused.

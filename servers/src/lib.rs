@@ -32,6 +32,6 @@ pub mod wiring;
 pub use boot::{Boot, BootError};
 pub use control::{Command, ControlBlock, ControlMsg, Handover, ServerState};
 pub use runtime::{
-    main, request, run, supervisor_ends, Progress, RequestError, RunOptions, Scribbler, Server,
-    ServerError,
+    main, request, run, supervisor_ends, Fault, Progress, RequestError, RunEnd, RunOptions,
+    Scribbler, Server, ServerError,
 };

@@ -51,6 +51,20 @@ pub trait Server {
     /// snapshot (a server without private state keeps the default).
     const STATE_FORMATS: (u32, u32) = (1, 1);
 
+    /// The snapshot formats this process reads and writes: [`Server::STATE_FORMATS`] unless
+    /// the build selects another at start (the udp server's format-2 variant does).
+    fn state_formats() -> (u32, u32)
+    where
+        Self: Sized,
+    {
+        Self::STATE_FORMATS
+    }
+
+    /// Whether the server takes applications on a hotplug socket ([`Server::hotplug`]): a
+    /// successor that takes over at a live update reads it before its first poll, where the
+    /// supervisor queued the live applications for it.
+    const HOTPLUG: bool = false;
+
     /// Processes one batch of work (bounded: a few dozen items) and says how much was done.
     /// Returning an error stops the server with a non-zero exit (the supervisor restarts it).
     fn poll(&mut self) -> Result<Progress, ServerError>;
@@ -214,7 +228,18 @@ fn pin(core: usize) -> bool {
     core_affinity::set_for_current(core_affinity::CoreId { id: core })
 }
 
-/// Runs `server` until the supervisor says stop (Ok) or the server fails (Err).
+/// How [`run`] ended, short of a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The supervisor said stop.
+    Stopped,
+    /// A live update: the snapshot is written and standby process `successor` reserved. The
+    /// caller drops the server (releasing every ring it claimed) and then hands over (see
+    /// [`main`]).
+    HandedOff { successor: u32 },
+}
+
+/// Runs `server` until the supervisor says stop or hand off (Ok) or the server fails (Err).
 ///
 /// Each iteration: handle control messages; poll one batch unless quiesced; beat the
 /// heartbeat; if there was no work, spin per `opts.spin` and park on the server's doorbell
@@ -223,10 +248,12 @@ pub fn run<S: Server>(
     server: &mut S,
     control: &ControlBlock,
     opts: &RunOptions,
-) -> Result<(), ServerError> {
+) -> Result<RunEnd, ServerError> {
     control.set_state(ServerState::Starting);
     control.set_pid(std::process::id());
     control.set_version(BUILD_VERSION);
+    control.set_state_formats(S::state_formats());
+    control.set_first_poll_ns(0);
     let pinned = opts.core.filter(|&c| pin(c));
     if let (Some(c), None) = (opts.core, pinned) {
         warn!(core = c, "could not pin to core; running unpinned");
@@ -241,6 +268,7 @@ pub fn run<S: Server>(
 
     let bell = control.doorbell().clone();
     let mut running = true;
+    let mut first_poll = true;
     loop {
         while let Some(msg) = cmds.pop()? {
             let Some(cmd) = msg.as_command() else {
@@ -315,13 +343,39 @@ pub fn run<S: Server>(
                     reply(&mut replies, msg.seq, true, 0);
                     control.set_state(ServerState::Stopped);
                     info!("stopping on request");
-                    return Ok(());
+                    return Ok(RunEnd::Stopped);
+                }
+                Command::Handoff => {
+                    // At a batch boundary: the last poll is done, nothing is half-processed.
+                    let stopped = monotonic_ns();
+                    let successor = u32::try_from(msg.value).unwrap_or(0);
+                    match handoff_snapshot(server, control, successor) {
+                        Ok(len) => {
+                            control.set_handoff_ns(stopped);
+                            control.set_state(ServerState::Quiesced);
+                            reply(&mut replies, msg.seq, true, len);
+                            info!(
+                                successor,
+                                snapshot_bytes = len,
+                                "live update: snapshot written; handing over"
+                            );
+                            return Ok(RunEnd::HandedOff { successor });
+                        }
+                        Err((code, why)) => {
+                            error!(successor, reason = %why, "live update refused; serving on");
+                            (false, code)
+                        }
+                    }
                 }
             };
             reply(&mut replies, msg.seq, ok, value);
         }
 
         let done = if running {
+            if first_poll {
+                first_poll = false;
+                control.set_first_poll_ns(monotonic_ns());
+            }
             server.poll()?
         } else {
             Progress::IDLE
@@ -352,6 +406,44 @@ pub fn run<S: Server>(
     }
 }
 
+/// Error codes in a `Handoff` reply.
+pub mod handoff_error {
+    /// The snapshot did not fit the snapshot area.
+    pub const TOO_BIG: u64 = 1;
+    /// The server could not write its snapshot.
+    pub const SNAPSHOT: u64 = 2;
+    /// No standby process with that pid waits (it withdrew, died or never registered).
+    pub const NO_SUCCESSOR: u64 = 5;
+}
+
+/// The first half of a handoff: snapshot into the area, then reserve the successor. Returns
+/// the snapshot's length, or an error code and why; nothing is released either way.
+fn handoff_snapshot<S: Server>(
+    server: &mut S,
+    control: &ControlBlock,
+    successor: u32,
+) -> Result<u64, (u64, String)> {
+    if !control.is_standby(successor) {
+        return Err((
+            handoff_error::NO_SUCCESSOR,
+            format!("no process {successor} waits in standby"),
+        ));
+    }
+    let bytes = server
+        .snapshot()
+        .map_err(|e| (handoff_error::SNAPSHOT, e.to_string()))?;
+    control
+        .write_snapshot(&bytes)
+        .map_err(|e| (handoff_error::TOO_BIG, e.to_string()))?;
+    if !control.reserve_standby(successor) {
+        return Err((
+            handoff_error::NO_SUCCESSOR,
+            format!("standby process {successor} withdrew"),
+        ));
+    }
+    Ok(bytes.len() as u64)
+}
+
 fn reply(replies: &mut keepnet_ipc::Producer<ControlMsg>, seq: u32, ok: bool, value: u64) {
     let msg = ControlMsg {
         kind: if ok { ControlMsg::OK } else { ControlMsg::ERR },
@@ -363,20 +455,85 @@ fn reply(replies: &mut keepnet_ipc::Producer<ControlMsg>, seq: u32, ok: bool, va
     }
 }
 
+/// Fault injection for live-update drills (`KEEPNET_FAULT` in a server's environment, set by
+/// a wrapper around the binary under test): how a bad build misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Abort as soon as the process starts (after answering `--version`).
+    CrashAtStart,
+    /// Map the regions, then never become ready (nor a standby).
+    HangBeforeReady,
+    /// Refuse every snapshot handed over.
+    RefuseState,
+    /// Take over, then abort after this many milliseconds of running.
+    CrashAfterMs(u64),
+}
+
+impl Fault {
+    /// Parses `KEEPNET_FAULT`: `crash-at-start`, `hang-before-ready`, `refuse-state`,
+    /// `crash-after-ms=N`.
+    pub fn parse(s: &str) -> Result<Fault, String> {
+        Ok(match s.trim() {
+            "crash-at-start" => Fault::CrashAtStart,
+            "hang-before-ready" => Fault::HangBeforeReady,
+            "refuse-state" => Fault::RefuseState,
+            other => match other.strip_prefix("crash-after-ms=") {
+                Some(n) => Fault::CrashAfterMs(
+                    n.parse()
+                        .map_err(|e| format!("KEEPNET_FAULT={other:?}: {e}"))?,
+                ),
+                None => {
+                    return Err(format!(
+                        "KEEPNET_FAULT={other:?}: use crash-at-start, hang-before-ready, \
+                         refuse-state or crash-after-ms=N"
+                    ))
+                }
+            },
+        })
+    }
+
+    fn from_env() -> Result<Option<Fault>, String> {
+        match std::env::var("KEEPNET_FAULT") {
+            Ok(v) if !v.trim().is_empty() => Fault::parse(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The whole `main` of a server binary: tracing, boot from the environment, build the server,
-/// run it. Exit code 0 after a requested stop, 1 on failure (the supervisor restarts it).
+/// run it. Exit code 0 after a requested stop or a handoff, 1 on failure (the supervisor
+/// restarts it), 2 when it cannot start at all.
+///
+/// In standby (`KEEPNET_STANDBY=1`, a live update) the process maps its regions, registers
+/// as a standby and waits; on the order it builds the server (claiming its rings), restores
+/// the predecessor's snapshot when told to, reads the applications the supervisor queued on
+/// its hotplug socket, and runs. A `Handoff` ends `run`: the server is dropped, which
+/// releases every ring it claimed, and only then is the successor told to take over: no two
+/// instances are ever on the same rings.
 pub fn main<S, F>(name: &'static str, build: F) -> ExitCode
 where
     S: Server,
     F: FnOnce(&mut Boot) -> Result<S, ServerError>,
 {
     if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("{}", version_line(name, S::STATE_FORMATS));
+        println!("{}", version_line(name, S::state_formats()));
         return ExitCode::SUCCESS;
     }
     crate::telemetry::init();
     let span = info_span!("server", name);
     let _g = span.enter();
+    let fault = match Fault::from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            error!(%e, "cannot start");
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if fault == Some(Fault::CrashAtStart) {
+        error!("fault injection: crashing at start");
+        std::process::abort();
+    }
     let mut boot = match Boot::from_env() {
         Ok(b) => b,
         Err(e) => {
@@ -385,6 +542,12 @@ where
             return ExitCode::from(2);
         }
     };
+    if fault == Some(Fault::HangBeforeReady) {
+        error!("fault injection: hanging before ready");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let standby = boot.options().standby;
     let order = if standby {
         wait_for_handover(boot.control())
@@ -392,7 +555,7 @@ where
         Handover::Fresh
     };
     if order == Handover::Abort {
-        info!("standby aborted by the supervisor");
+        info!("standby ended by the supervisor");
         return ExitCode::SUCCESS;
     }
     let mut server = match build(&mut boot) {
@@ -406,11 +569,16 @@ where
         }
     };
     if order == Handover::Restore {
-        let restored = boot
-            .control()
-            .read_snapshot()
-            .map_err(ServerError::from)
-            .and_then(|b| server.restore(&b));
+        let restored = if fault == Some(Fault::RefuseState) {
+            Err(ServerError::Restore(
+                "fault injection: this build refuses every snapshot".into(),
+            ))
+        } else {
+            boot.control()
+                .read_snapshot()
+                .map_err(ServerError::from)
+                .and_then(|b| server.restore(&b))
+        };
         if let Err(e) = restored {
             error!(%e, "restore refused; not taking over");
             boot.control().set_handover_result(false);
@@ -419,11 +587,37 @@ where
         info!("restored state from the predecessor's snapshot");
     }
     if standby {
+        if S::HOTPLUG {
+            match server.hotplug() {
+                Ok(n) => info!(
+                    messages = n,
+                    "applications taken over from the hotplug socket"
+                ),
+                Err(e) => warn!(%e, "hotplug socket unreadable at takeover"),
+            }
+        }
+        boot.control().forget_standby(std::process::id());
         boot.control().set_handover_result(true);
+    }
+    if let Some(Fault::CrashAfterMs(ms)) = fault {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            error!(ms, "fault injection: crashing after running");
+            std::process::abort();
+        });
     }
     let (control, opts) = boot.into_parts();
     match run(&mut server, &control, &opts) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(RunEnd::Stopped) => ExitCode::SUCCESS,
+        Ok(RunEnd::HandedOff { successor }) => {
+            // Every ring this instance claimed is released here, before the successor may
+            // claim any.
+            drop(server);
+            control.set_state(ServerState::Stopped);
+            control.hand_over(successor, Handover::Restore);
+            info!(successor, "handed over; exiting");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             error!(%e, "server failed");
             ExitCode::from(1)
@@ -440,20 +634,31 @@ pub fn version_line(name: &str, formats: (u32, u32)) -> String {
     )
 }
 
-/// Standby: parks on the standby doorbell until the supervisor hands over.
+/// Standby: registers in a standby slot, then parks on the standby doorbell until an order
+/// for this process comes. A standby whose supervisor died withdraws and ends (unless the
+/// running instance reserved it first: its handover is then on its way).
 fn wait_for_handover(control: &ControlBlock) -> Handover {
-    control.set_standby_pid(std::process::id());
+    let me = std::process::id();
+    if !control.register_standby(me) {
+        error!("both standby slots are taken; not waiting");
+        return Handover::Abort;
+    }
+    let parent = nix::unistd::getppid();
     info!("standby: regions mapped, waiting for handover");
     let bell = control.standby_doorbell();
     loop {
         bell.wait(
             SpinPolicy::PARK_AT_ONCE,
             Some(Duration::from_millis(100)),
-            || control.handover() != Handover::Wait,
+            || control.handover_for(me) != Handover::Wait,
         );
-        let order = control.handover();
+        let order = control.handover_for(me);
         if order != Handover::Wait {
             return order;
+        }
+        if nix::unistd::getppid() != parent && control.withdraw_standby(me) {
+            warn!("standby: the supervisor is gone; withdrawing");
+            return Handover::Abort;
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use keepnet_ipc::{Region, RegionKind, RegionLayout, Ring, SpinPolicy};
 use keepnet_server::control::ServerState;
 use keepnet_server::runtime::supervisor_ends;
-use keepnet_server::{boot, codec, request, Command as Cmd, ControlBlock, Handover, RunOptions};
+use keepnet_server::{boot, codec, request, Command as Cmd, ControlBlock, RunOptions};
 use serde::Deserialize;
 
 const CAP: usize = 1024;
@@ -134,6 +134,35 @@ fn relay_rig(
     (rings, input, output)
 }
 
+/// Sends `cmd` with `value` and waits for its reply (Ok(value) or Err(code)).
+fn request_value(
+    cmds: &mut keepnet_ipc::Producer<keepnet_server::ControlMsg>,
+    replies: &mut keepnet_ipc::Consumer<keepnet_server::ControlMsg>,
+    seq: u32,
+    cmd: Cmd,
+    value: u32,
+) -> Result<u64, u64> {
+    let msg = keepnet_server::ControlMsg {
+        value: u64::from(value),
+        ..keepnet_server::ControlMsg::command(cmd, seq)
+    };
+    cmds.push(msg).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = replies.pop().unwrap() {
+            if r.seq == seq {
+                return if r.kind == keepnet_server::ControlMsg::OK {
+                    Ok(r.value)
+                } else {
+                    Err(r.value)
+                };
+            }
+        }
+        assert!(Instant::now() < end, "no reply to {cmd:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn relay_server_lifecycle() {
     watchdog(Duration::from_secs(120));
@@ -172,7 +201,7 @@ fn relay_server_lifecycle() {
     control.clear_handover();
     let second = spawn_as(&control, &rings, true);
     until("successor in standby", Duration::from_secs(20), || {
-        control.standby_pid() == second.0.id()
+        control.is_standby(second.0.id())
     });
     flow.pump(&mut input, &mut output, 1000);
     assert_eq!(
@@ -181,7 +210,7 @@ fn relay_server_lifecycle() {
         "the old instance serves until the handover"
     );
 
-    // 4. Quiesce: traffic waits in the ring; snapshot; stop.
+    // 4. Quiesce: traffic waits in the ring; snapshot; resume.
     let ok = |r: Result<Result<u64, u64>, keepnet_server::RequestError>| {
         r.expect("request answered").expect("request succeeded")
     };
@@ -216,36 +245,49 @@ fn relay_server_lifecycle() {
         .unwrap();
     assert_eq!(st.relayed, 101_000);
     assert_eq!(st.sum, (0..101_000u64).sum::<u64>());
-    let last_batch = control.last_batch_ns();
     ok(request(
         &mut cmds,
         &mut replies,
         3,
-        Cmd::Stop,
+        Cmd::Resume,
         Duration::from_secs(5),
     ));
-    let status = first.0.wait().unwrap();
-    assert!(status.success(), "stop must exit 0, got {status}");
-    assert_eq!(control.state(), Some(ServerState::Stopped));
 
-    // 5. Handover: the successor restores the snapshot and carries on; the held slots come
-    //    out in order, and the blackout is measurable from the servers' own timestamps.
-    control.hand_over(Handover::Restore);
+    // 5. A handoff to a pid that is not in standby is refused; the old one serves on.
+    let refused = request_value(&mut cmds, &mut replies, 4, Cmd::Handoff, 1);
+    assert_eq!(
+        refused,
+        Err(keepnet_server::runtime::handoff_error::NO_SUCCESSOR)
+    );
+    assert_eq!(control.pid(), first.0.id());
+
+    // 6. Handoff: the old one snapshots, releases its rings and hands over; the successor
+    //    restores and carries on. The held slots come out in order, and the blackout is
+    //    measurable from the servers' own timestamps.
+    let len = request_value(&mut cmds, &mut replies, 5, Cmd::Handoff, second.0.id()).unwrap();
+    assert!(len > 0);
+    let status = first.0.wait().unwrap();
+    assert!(status.success(), "a handoff must exit 0, got {status}");
     until("successor took over", Duration::from_secs(20), || {
         control.handover_result().is_some()
     });
     assert_eq!(control.handover_result(), Some(true));
     until("successor serving", Duration::from_secs(20), || {
-        control.generation().get() == 2
+        control.generation().get() == 2 && control.first_poll_ns() != 0
     });
     assert_eq!(control.pid(), second.0.id());
+    assert!(
+        !control.is_standby(second.0.id()),
+        "its standby slot is free again"
+    );
     flow.next_in += 500;
     flow.pump(&mut input, &mut output, 0);
-    let first_batch = control.first_batch_ns();
+    let (off, on) = (control.handoff_ns(), control.first_poll_ns());
     assert!(
-        first_batch > last_batch,
-        "blackout must be positive: {last_batch} -> {first_batch}"
+        off > 0 && on > off,
+        "blackout must be positive: {off} -> {on}"
     );
+    assert_eq!(control.state_formats(), Some((1, 1)));
     let len = ok(request(
         &mut cmds,
         &mut replies,
@@ -266,7 +308,7 @@ fn relay_server_lifecycle() {
     // 6. A bogus control message is counted and ignored.
     cmds.push(keepnet_server::ControlMsg {
         kind: 9999,
-        seq: 8,
+        seq: 9,
         value: 0,
     })
     .unwrap();

@@ -2421,6 +2421,7 @@ fn emit_to(
 
 impl Server for TcpServer {
     const STATE_FORMATS: (u32, u32) = (1, SNAPSHOT_FORMAT);
+    const HOTPLUG: bool = true;
 
     fn poll(&mut self) -> Result<Progress, ServerError> {
         let now = now_us();

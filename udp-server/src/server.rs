@@ -121,7 +121,20 @@ const TAG_MAGIC: u32 = u32::from_le_bytes(*b"UDPT");
 const TAG_AT: u32 = APP_HEADROOM - 8;
 /// Hotplug messages handled per `Command::Hotplug` at most.
 const HOTPLUG_BATCH: usize = 4096;
+/// The snapshot format this build writes by default; `KEEPNET_UDP_STATE_FORMAT=2` selects
+/// the format-2 variant ([`SnapshotV2`]).
 const SNAPSHOT_FORMAT: u32 = 1;
+/// Environment variable selecting the snapshot format the process writes (1 or 2).
+pub const STATE_FORMAT_ENV: &str = "KEEPNET_UDP_STATE_FORMAT";
+
+/// The snapshot format this process writes: 1, or 2 when [`STATE_FORMAT_ENV`] says so. A
+/// format-1 process reads format 1 only; a format-2 one reads 1 and 2.
+pub fn state_format() -> u32 {
+    match std::env::var(STATE_FORMAT_ENV).as_deref().map(str::trim) {
+        Ok("2") => 2,
+        _ => SNAPSHOT_FORMAT,
+    }
+}
 
 /// The counters the server registers besides the engine's [`Ctr`]s.
 pub const SERVER_COUNTERS: &[&str] = &[
@@ -135,6 +148,7 @@ pub const SERVER_COUNTERS: &[&str] = &[
     "drop.no_app",
     "drop.send_full",
     "hotplug.bad",
+    "state.handoffs",
 ];
 
 /// Counters of the server itself.
@@ -156,12 +170,15 @@ struct ServerCounters {
     send_full: Counter,
     /// A hotplug message that could not be read or applied.
     hotplug_bad: Counter,
+    /// Format-2 state only: live updates this state was handed through.
+    handoffs: Counter,
 }
 
 impl ServerCounters {
     fn new(control: &ControlBlock) -> ServerCounters {
         ServerCounters {
             app_bad: control.counter("drop.app_bad"),
+            handoffs: control.counter("state.handoffs"),
             rx_pool_empty: control.counter("drop.rx_pool_empty"),
             events_full: control.counter("drop.events_full"),
             desc_bad: control.counter("drop.desc_bad"),
@@ -491,12 +508,42 @@ pub struct UdpServer {
     /// Another server ran on this control block before: requests in flight at an attach
     /// may have been carried out (module docs).
     restarted: bool,
+    /// Format-2 state: live updates this state was handed through.
+    handoffs: u64,
 }
 
-/// Private state handed to a live-update successor.
+/// Private state handed to a live-update successor (format 1).
 #[derive(Serialize, Deserialize, Debug)]
 struct Snapshot {
     ephemeral_cursor: u16,
+}
+
+/// Format 2 (the variant selected by [`STATE_FORMAT_ENV`]): format 1 plus the number of live
+/// updates this state has been handed through, which a format-1 snapshot lacks (read as 0).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+struct SnapshotV2 {
+    ephemeral_cursor: u16,
+    handoffs: u64,
+}
+
+impl From<Snapshot> for SnapshotV2 {
+    fn from(v1: Snapshot) -> SnapshotV2 {
+        SnapshotV2 {
+            ephemeral_cursor: v1.ephemeral_cursor,
+            handoffs: 0,
+        }
+    }
+}
+
+/// Decodes a snapshot in any format a process writing `format` reads.
+fn decode_snapshot(bytes: &[u8], format: u32) -> Result<SnapshotV2, ServerError> {
+    let snap =
+        codec::decode(bytes, "udp", 1..=format).map_err(|e| ServerError::Restore(e.to_string()))?;
+    let state = match snap.header.format_version {
+        1 => snap.state::<Snapshot>().map(SnapshotV2::from),
+        _ => snap.state::<SnapshotV2>(),
+    };
+    state.map_err(|e| ServerError::Restore(e.to_string()))
 }
 
 /// Builds the server from its boot environment (the `keepnet-udp` binary's whole job).
@@ -577,6 +624,7 @@ impl UdpServer {
             scratch,
             // The runtime bumps the generation when it starts running us, after this.
             restarted: control.generation().get() > 0,
+            handoffs: 0,
         })
     }
 
@@ -1093,6 +1141,11 @@ fn send_one(
 
 impl Server for UdpServer {
     const STATE_FORMATS: (u32, u32) = (1, SNAPSHOT_FORMAT);
+    const HOTPLUG: bool = true;
+
+    fn state_formats() -> (u32, u32) {
+        (1, state_format())
+    }
 
     fn poll(&mut self) -> Result<Progress, ServerError> {
         let mut work = self.send_free.collect(
@@ -1156,15 +1209,27 @@ impl Server for UdpServer {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, ServerError> {
-        let s = Snapshot {
-            ephemeral_cursor: self.engine.ephemeral_cursor(),
-        };
-        codec::save("udp", SNAPSHOT_FORMAT, &s)
+        let ephemeral_cursor = self.engine.ephemeral_cursor();
+        match state_format() {
+            1 => codec::save("udp", 1, &Snapshot { ephemeral_cursor }),
+            f => codec::save(
+                "udp",
+                f,
+                &SnapshotV2 {
+                    ephemeral_cursor,
+                    handoffs: self.handoffs,
+                },
+            ),
+        }
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ServerError> {
-        let s: Snapshot = codec::load(snapshot, "udp", 1..=SNAPSHOT_FORMAT)?;
+        let s = decode_snapshot(snapshot, state_format())?;
         self.engine.set_ephemeral_cursor(s.ephemeral_cursor);
+        if state_format() >= 2 {
+            self.handoffs = s.handoffs + 1;
+            self.counters.handoffs.set(self.handoffs);
+        }
         Ok(())
     }
 }
@@ -1172,6 +1237,38 @@ impl Server for UdpServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn format_2_reads_format_1_with_the_default_and_format_1_refuses_format_2() {
+        let v1 = codec::save(
+            "udp",
+            1,
+            &Snapshot {
+                ephemeral_cursor: 4242,
+            },
+        )
+        .unwrap();
+        let v2 = codec::save(
+            "udp",
+            2,
+            &SnapshotV2 {
+                ephemeral_cursor: 7,
+                handoffs: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            decode_snapshot(&v1, 2).unwrap(),
+            SnapshotV2 {
+                ephemeral_cursor: 4242,
+                handoffs: 0
+            }
+        );
+        assert_eq!(decode_snapshot(&v2, 2).unwrap().handoffs, 3);
+        assert_eq!(decode_snapshot(&v1, 1).unwrap().ephemeral_cursor, 4242);
+        let e = decode_snapshot(&v2, 1).unwrap_err().to_string();
+        assert!(e.contains("format 2") || e.contains("newer"), "{e}");
+    }
 
     #[test]
     fn config_json() {

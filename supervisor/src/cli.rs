@@ -48,6 +48,18 @@ pub enum Command {
     /// restart, the last exit and the recovery time (from this kill to the new instance
     /// running). Needs root or the supervisor's user.
     Kill(KillArgs),
+    /// Live update: swap one server (or, with --all, every server in order: driver, ip, udp,
+    /// tcp) for a new binary while connections stay up.
+    ///
+    /// The supervisor checks the binary (its --version must name the server and read the
+    /// state format the running one writes), starts it in standby beside the running
+    /// build kept ready for a rollback, has the running instance snapshot its state at a
+    /// batch boundary and hand its rings over, and watches the new one for the grace
+    /// period. A new build that refuses the state, is not running in time or dies within the
+    /// grace period is rolled back to the old build. Prints e.g. "tcp updated: pid 12 -> 34,
+    /// build 0.1.0 -> 0.2.0, state format 1 (96 bytes), generation 5, blackout 0.412 ms";
+    /// exits non-zero unless every update was done. Needs root or the supervisor's user.
+    Update(UpdateArgs),
     /// Stop everything; release shared memory, the TAP device and a namespace `up` made.
     /// With the supervisor dead, ends its servers and services by pid.
     Down(ConfigArg),
@@ -210,6 +222,35 @@ pub struct KillArgs {
     /// carry on). Implemented by the driver, ip and udp servers; others just abort.
     #[arg(long, conflicts_with = "signal")]
     pub scribble: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The server: driver, ip, udp or tcp.
+    #[arg(
+        value_name = "SERVER",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub server: Option<String>,
+    /// Update every server, one at a time in dependency order (driver, ip, udp, tcp), each
+    /// to the binary it was started from; stops at the first that is not updated.
+    #[arg(long)]
+    pub all: bool,
+    /// The new binary (default: the one the server was started from, e.g. after installing
+    /// a new build over it).
+    #[arg(long, value_name = "PATH", conflicts_with = "all")]
+    pub binary: Option<std::path::PathBuf>,
+    /// How long the new build is watched before the update counts as done (a crash within
+    /// it rolls back).
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    pub grace: u64,
+    /// Do not ask the new binary's --version first (drills: the new build's own refusal of
+    /// a state it cannot read then rolls the update back).
+    #[arg(long)]
+    pub skip_check: bool,
 }
 
 #[derive(Debug, Args)]

@@ -56,6 +56,33 @@ fn main() -> ExitCode {
                 .map(say),
             )
         }
+        Command::Update(a) => {
+            let servers: Vec<String> = match (&a.server, a.all) {
+                (Some(s), _) => vec![s.clone()],
+                (None, _) => config::SERVERS.iter().map(|s| s.to_string()).collect(),
+            };
+            for server in servers {
+                match ctl::client::update(
+                    a.config.config.as_deref(),
+                    &server,
+                    a.binary.as_deref(),
+                    a.grace,
+                    a.skip_check,
+                ) {
+                    Ok(r) => {
+                        println!("{}", r.line());
+                        if r.result != "updated" {
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("keepnet: error: {server} not updated: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            return ExitCode::SUCCESS;
+        }
         Command::Capture(a) => {
             let out = a.out.clone();
             return done(

@@ -275,6 +275,22 @@ impl Apps {
 
     /// After a restart of the server: every live application again, then the list of them.
     pub fn resend_all(&self, drain: &mut dyn FnMut() -> bool) {
+        self.queue_all_with(drain);
+        if !drain() {
+            warn!(
+                server = self.label,
+                "the restarted server did not read its hotplug socket"
+            );
+        }
+    }
+
+    /// Before a live-update handover: every live application and the list of them, queued
+    /// for the instance that takes over (it reads them before its first poll).
+    pub fn queue_all(&self) {
+        self.queue_all_with(&mut || false);
+    }
+
+    fn queue_all_with(&self, drain: &mut dyn FnMut() -> bool) {
         for c in self.conns.values() {
             let m = Hotplug::Attach {
                 app: c.app,
@@ -289,12 +305,6 @@ impl Apps {
         };
         if let Err(e) = self.send(&live, None, drain) {
             warn!(%e, "could not send the live application list");
-        }
-        if !drain() {
-            warn!(
-                server = self.label,
-                "the restarted server did not read its hotplug socket"
-            );
         }
     }
 

@@ -268,9 +268,14 @@ pub fn call(
             path: path.clone(),
         },
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io("socket"))?;
+    // An update answers when it ends: its steps' limits plus its grace period.
+    let wait = match req {
+        Request::Update { grace_ms, .. } => {
+            Duration::from_secs(60) + Duration::from_millis(grace_ms.unwrap_or(0))
+        }
+        _ => Duration::from_secs(30),
+    };
+    stream.set_read_timeout(Some(wait)).map_err(io("socket"))?;
     let mut text = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
     text.push('\n');
     (&stream)
@@ -485,6 +490,41 @@ pub fn kill(
     };
     match call(&config.instance, &req)?.0 {
         Answer::Ok { message } => Ok(message),
+        Answer::Error { message } => Err(ClientError::Remote(message)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// `keepnet update`: one live update, answered when it ends (updated, rolled back or
+/// refused after it began); a refusal before it began is an error.
+pub fn update(
+    config_path: Option<&Path>,
+    server: &str,
+    binary: Option<&Path>,
+    grace_ms: u64,
+    skip_check: bool,
+) -> Result<super::status::UpdateReport, ClientError> {
+    if !SERVERS.contains(&server) {
+        return Err(ClientError::Usage(format!(
+            "unknown server {server:?}: use one of {}",
+            SERVERS.join(", ")
+        )));
+    }
+    let config = load_config(config_path)?;
+    let binary = binary.map(|b| {
+        std::path::absolute(b)
+            .unwrap_or_else(|_| b.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    });
+    let req = Request::Update {
+        server: server.to_string(),
+        binary,
+        grace_ms: Some(grace_ms),
+        skip_check,
+    };
+    match call(&config.instance, &req)?.0 {
+        Answer::Updated { update } => Ok(update),
         Answer::Error { message } => Err(ClientError::Remote(message)),
         other => Err(ClientError::Protocol(format!("{other:?}"))),
     }

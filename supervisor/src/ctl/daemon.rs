@@ -32,6 +32,9 @@ use super::status::{AppStatus, ServerStatus, ServiceStatus, StatusReport};
 use crate::config::{Config, OnLimit, Placement, RestartPolicy, Supervision, SERVERS};
 
 mod adopt;
+mod update;
+
+pub use update::UpdateRequest;
 
 /// Sockets in the udp server's table.
 const UDP_SOCKETS: u32 = 4096;
@@ -177,6 +180,8 @@ struct ServerProc {
     /// The child's run-queue wait (ns, /proc/PID/schedstat) when its heartbeat was first
     /// seen standing still: time it was starved of a CPU does not count as a hang.
     beat_wait: Option<u64>,
+    /// Its last live update.
+    last_update: Option<super::status::UpdateReport>,
 }
 
 impl ServerProc {
@@ -216,6 +221,7 @@ impl ServerProc {
             doom: None,
             beat: (0, Instant::now()),
             beat_wait: None,
+            last_update: None,
         })
     }
 
@@ -326,6 +332,10 @@ pub struct Daemon {
     disowned: bool,
     /// The instance's supervisor lock (see `ctl::lock_path`), held for the daemon's life.
     lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    /// The live update under way (one at a time).
+    update: Option<update::Update>,
+    /// Processes a live update left to reap (dismissed standbys, old instances).
+    leftovers: Vec<std::process::Child>,
 }
 
 fn placement(config: &Config) -> Vec<RunOptions> {
@@ -518,6 +528,8 @@ impl Daemon {
             last_watch: Instant::now(),
             disowned: false,
             lock: None,
+            update: None,
+            leftovers: Vec::new(),
         };
 
         if config.link.backend == crate::config::LinkBackend::Wire {
@@ -647,6 +659,37 @@ impl Daemon {
     }
 
     fn spawn(&mut self, i: usize) -> Result<(), DaemonError> {
+        let binary = self.servers[i].binary.clone();
+        let mut cmd = self.command(i, &binary, false)?;
+        let s = &self.servers[i];
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("start {}", s.binary.display())))?;
+        info!(server = s.name, pid = child.id(), "started");
+        let s = &mut self.servers[i];
+        s.pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                // SIGCHLD still wakes the loop; only the pidfd's directness is lost.
+                warn!(server = s.name, %e, "pidfd_open failed; watching through SIGCHLD only");
+                None
+            }
+        };
+        s.start = procs::start_time(child.id()).unwrap_or(0);
+        s.exe = None;
+        s.child = Some(Proc::Child(child));
+        s.started = Instant::now();
+        s.phase = Phase::Starting;
+        // On disk at once: a supervisor that dies now leaves its successor this pid.
+        if let Err(e) = self.write_state() {
+            warn!(%e, "could not write the state file");
+        }
+        Ok(())
+    }
+
+    /// The command that starts server `i` from `binary`, with its regions, fds, environment,
+    /// log and priority; in standby (a live update) when `standby` is set.
+    fn command(&self, i: usize, binary: &Path, standby: bool) -> Result<Command, DaemonError> {
         let ip_region = self.control_region("ip");
         let driver_region = self.control_region("driver");
         let udp_region = self.control_region("udp");
@@ -659,7 +702,11 @@ impl Daemon {
             .map_err(io(format!("open {}", log.display())))?;
         let err = out.try_clone().map_err(io("dup log"))?;
         let s = &self.servers[i];
-        let mut cmd = Command::new(&s.binary);
+        let opts = RunOptions {
+            standby,
+            ..s.opts.clone()
+        };
+        let mut cmd = Command::new(binary);
         cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -687,7 +734,7 @@ impl Daemon {
                     fds.push(("wire.rx", mine.as_fd()));
                     fds.push(("wire.peer", peer.as_fd()));
                 }
-                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &opts);
             }
             "udp" => {
                 let mut regions = vec![
@@ -702,7 +749,7 @@ impl Daemon {
                     ("hotplug", self.apps[UDP_APPS].server_end()),
                     ("hotplug.supervisor", self.apps[UDP_APPS].supervisor_end()),
                 ];
-                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &opts);
             }
             "tcp" => {
                 let mut regions = vec![
@@ -717,7 +764,7 @@ impl Daemon {
                     ("hotplug", self.apps[TCP_APPS].server_end()),
                     ("hotplug.supervisor", self.apps[TCP_APPS].supervisor_end()),
                 ];
-                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &opts);
             }
             _ => {
                 let mut regions = vec![
@@ -739,7 +786,7 @@ impl Daemon {
                     ("bell.udp", self.udp_bell.as_fd()),
                     ("bell.tcp", self.tcp_bell.as_fd()),
                 ];
-                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &s.opts);
+                boot::prepare_with_fds(&mut cmd, &s.control, &regions, &fds, &opts);
             }
         }
         // Servers run at `placement.nice` (config docs): on a busy, oversubscribed machine a
@@ -759,29 +806,7 @@ impl Daemon {
                 });
             }
         }
-        let child = cmd
-            .spawn()
-            .map_err(io(format!("start {}", s.binary.display())))?;
-        info!(server = s.name, pid = child.id(), "started");
-        let s = &mut self.servers[i];
-        s.pidfd = match pidfd_open(child.id()) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                // SIGCHLD still wakes the loop; only the pidfd's directness is lost.
-                warn!(server = s.name, %e, "pidfd_open failed; watching through SIGCHLD only");
-                None
-            }
-        };
-        s.start = procs::start_time(child.id()).unwrap_or(0);
-        s.exe = None;
-        s.child = Some(Proc::Child(child));
-        s.started = Instant::now();
-        s.phase = Phase::Starting;
-        // On disk at once: a supervisor that dies now leaves its successor this pid.
-        if let Err(e) = self.write_state() {
-            warn!(%e, "could not write the state file");
-        }
-        Ok(())
+        Ok(cmd)
     }
 
     fn wait_ready(&mut self, i: usize, limit: Duration) -> Result<(), DaemonError> {
@@ -840,7 +865,8 @@ impl Daemon {
             procs: self
                 .servers
                 .iter()
-                .map(|s| ServerRecord {
+                .enumerate()
+                .map(|(i, s)| ServerRecord {
                     name: s.name.to_string(),
                     pid: s.pid(),
                     start: if s.pid() == 0 { 0 } else { s.start },
@@ -872,6 +898,14 @@ impl Daemon {
                         .iter()
                         .map(|&t| now_ms.saturating_sub(ago_ms(t)))
                         .collect(),
+                    last_update: s.last_update.clone(),
+                    update_pids: self
+                        .update
+                        .as_ref()
+                        .map(|u| u.pids())
+                        .filter(|p| p.0 == i)
+                        .map(|(_, old, new, fallback)| vec![old, new, fallback])
+                        .unwrap_or_default(),
                 })
                 .collect(),
             apps: self
@@ -933,7 +967,19 @@ impl Daemon {
             keepnet_addr: self.opts.config.ip.addr.to_string(),
             kernel_addr: self.opts.config.link.kernel_addr.to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
-            servers: self.servers.iter().map(server_status).collect(),
+            servers: self
+                .servers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let updating = self
+                        .update
+                        .as_ref()
+                        .filter(|u| u.pids().0 == i)
+                        .map(|u| u.describe());
+                    server_status(s, updating)
+                })
+                .collect(),
             services: self
                 .services
                 .iter()
@@ -1187,7 +1233,11 @@ impl Daemon {
     /// kills those whose heartbeat stopped, starts those whose backoff ran out or whose turn
     /// in a restart-all came, and notices restarted ones running. Never waits on a child.
     fn watch_servers(&mut self) {
+        self.poll_update();
         for i in 0..self.servers.len() {
+            if self.updating(i) {
+                continue;
+            }
             let s = &mut self.servers[i];
             let exited = match s.child.as_mut() {
                 Some(c) => c.try_exit(s.pidfd.as_ref()),
@@ -1211,6 +1261,9 @@ impl Daemon {
             }
         }
         for i in 0..self.servers.len() {
+            if self.updating(i) {
+                continue;
+            }
             match self.servers[i].phase.clone() {
                 Phase::Starting => self.check_starting(i, now),
                 Phase::Up => self.check_heartbeat(i, now),
@@ -1236,6 +1289,13 @@ impl Daemon {
         let now = Instant::now();
         let mut t: Option<Duration> = None;
         let mut at_most = |d: Duration| t = Some(t.map_or(d, |t: Duration| t.min(d)));
+        if self.update.is_some() {
+            // An update's steps are a few hundred microseconds each.
+            at_most(STARTING_POLL);
+        }
+        if !self.leftovers.is_empty() {
+            at_most(Duration::from_millis(20));
+        }
         for s in &self.servers {
             match &s.phase {
                 Phase::Starting | Phase::Queued => at_most(STARTING_POLL),
@@ -1653,7 +1713,11 @@ impl Daemon {
         // constellation and mirroring its traffic are for root and the supervisor's own user.
         let privileged = matches!(
             req,
-            Request::Down | Request::Link | Request::Wire | Request::Kill { .. }
+            Request::Down
+                | Request::Link
+                | Request::Wire
+                | Request::Kill { .. }
+                | Request::Update { .. }
         );
         if privileged {
             let uid =
@@ -1720,6 +1784,21 @@ impl Daemon {
                     Err(message) => Answer::Error { message },
                 };
                 send(&stream, &answer, &[]);
+                false
+            }
+            Request::Update {
+                server,
+                binary,
+                grace_ms,
+                skip_check,
+            } => {
+                let req = UpdateRequest {
+                    server,
+                    binary: binary.map(PathBuf::from),
+                    grace: grace_ms.map(Duration::from_millis),
+                    skip_check,
+                };
+                self.begin_update(stream, req);
                 false
             }
             Request::Down => {
@@ -1800,6 +1879,7 @@ impl Daemon {
 
     /// Stops every server (politely, then by force) and removes what `up` made.
     pub fn shutdown(&mut self) {
+        self.abandon_update();
         for svc in &mut self.services {
             svc.stop(Duration::from_secs(2));
         }
@@ -1941,7 +2021,7 @@ fn release_rings(link: &Link, pid: u32) {
     }
 }
 
-fn server_status(s: &ServerProc) -> ServerStatus {
+fn server_status(s: &ServerProc, updating: Option<String>) -> ServerStatus {
     let c = &s.control;
     let mut drops = std::collections::BTreeMap::new();
     let mut counters = std::collections::BTreeMap::new();
@@ -1999,6 +2079,10 @@ fn server_status(s: &ServerProc) -> ServerStatus {
             Phase::Starting | Phase::Up => None,
         },
         heartbeat_ms: s.sup.heartbeat.as_millis() as u64,
+        state_format: c.state_formats().map(|f| f.1),
+        state_formats_read: c.state_formats().map(|(a, b)| format!("{a}-{b}")),
+        last_update: s.last_update.clone(),
+        updating,
     }
 }
 

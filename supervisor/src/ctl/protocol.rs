@@ -36,6 +36,17 @@ pub enum Request {
         #[serde(default)]
         scribble: bool,
     },
+    /// Live update of `server` to `binary` (default: the binary it was started from), see
+    /// `daemon::update`. Answered with `updated` when it ends, or an error at once.
+    Update {
+        server: String,
+        #[serde(default)]
+        binary: Option<String>,
+        #[serde(default)]
+        grace_ms: Option<u64>,
+        #[serde(default)]
+        skip_check: bool,
+    },
 }
 
 /// An answer from the daemon.
@@ -53,6 +64,10 @@ pub enum Answer {
     /// An application attached: two fds come with this message (its region, the server's
     /// doorbell eventfd).
     Attached(keepnet_server::app::Attached),
+    /// A live update ended (updated, rolled back, or refused after it began).
+    Updated {
+        update: super::status::UpdateReport,
+    },
 }
 
 /// What the daemon remembers on disk, so that `down` and a restarted supervisor find it.
@@ -128,6 +143,14 @@ pub struct ServerRecord {
     /// The restarts within the intensity window, ms since the Unix epoch.
     #[serde(default)]
     pub restart_times_unix_ms: Vec<u64>,
+    /// Its last live update.
+    #[serde(default)]
+    pub last_update: Option<super::status::UpdateReport>,
+    /// A live update under way when the file was written: the pids of the successor and of
+    /// the rollback standby. A re-adopting supervisor adopts whichever of them (or the old
+    /// instance) serves, and ends the others.
+    #[serde(default)]
+    pub update_pids: Vec<u32>,
 }
 
 /// One attached application in the state file.

@@ -90,6 +90,77 @@ pub struct ServerStatus {
     /// The heartbeat period the supervisor watches it with (a hang: none for twice this).
     #[serde(default)]
     pub heartbeat_ms: u64,
+    /// The snapshot format the running build writes, and the range it reads ("1-2").
+    #[serde(default)]
+    pub state_format: Option<u32>,
+    #[serde(default)]
+    pub state_formats_read: Option<String>,
+    /// The last live update of this server (`keepnet update`), whatever its result.
+    #[serde(default)]
+    pub last_update: Option<UpdateReport>,
+    /// A live update under way, in words.
+    #[serde(default)]
+    pub updating: Option<String>,
+}
+
+/// A live update of one server: what `keepnet update` prints, and `status` shows of the last.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UpdateReport {
+    pub server: String,
+    /// `updated` (the new build serves); `rolled back` (the new build refused the state,
+    /// did not run in time or died in its grace period: the old build serves again);
+    /// `refused` (the old instance never stopped: the check, the standby or the handoff
+    /// failed).
+    pub result: String,
+    /// Why, for `rolled back` and `refused`.
+    pub reason: Option<String>,
+    /// When the update began (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+    /// The binary it updated to (or tried to).
+    pub binary: String,
+    /// The build that served before, and the build serving now.
+    pub from_build: String,
+    pub build: String,
+    /// The snapshot handed over: its format and size (none if no handoff happened).
+    pub state_format: Option<u32>,
+    pub snapshot_bytes: Option<u64>,
+    /// The instance before, and the instance serving now.
+    pub from_pid: u32,
+    pub pid: u32,
+    pub generation: u64,
+    /// Microseconds no instance polled the server's rings: from the old instance's last
+    /// batch to the first batch of the instance that took over (both timestamps written by
+    /// the servers). None when no handoff happened, or when a rollback recovered as after a
+    /// crash.
+    pub blackout_us: Option<u64>,
+    /// The whole update, grace period included.
+    pub took_ms: u64,
+    pub grace_ms: u64,
+}
+
+impl UpdateReport {
+    /// One line: "tcp updated: pid 12 -> 34, build 0.1.0 -> 0.1.0, state format 1 (96
+    /// bytes), generation 5, blackout 0.41 ms".
+    pub fn line(&self) -> String {
+        let mut s = format!(
+            "{} {}: pid {} -> {}, build {} -> {}",
+            self.server, self.result, self.from_pid, self.pid, self.from_build, self.build
+        );
+        if let (Some(f), Some(n)) = (self.state_format, self.snapshot_bytes) {
+            s.push_str(&format!(", state format {f} ({n} bytes)"));
+        }
+        s.push_str(&format!(", generation {}", self.generation));
+        match self.blackout_us {
+            Some(us) => s.push_str(&format!(", blackout {:.3} ms", us as f64 / 1000.0)),
+            None if self.result != "refused" => s.push_str(", blackout not measured"),
+            None => {}
+        }
+        s.push_str(&format!(" (took {} ms)", self.took_ms));
+        if let Some(r) = &self.reason {
+            s.push_str(&format!(": {r}"));
+        }
+        s
+    }
 }
 
 impl StatusReport {
@@ -134,6 +205,27 @@ impl StatusReport {
                 v.packets_out,
                 v.drops.values().sum::<u64>()
             ));
+        }
+        let mut first = true;
+        for v in &self.servers {
+            let formats = v
+                .state_formats_read
+                .as_deref()
+                .map(|r| format!(", state format {} (reads {r})", v.state_format.unwrap_or(0)))
+                .unwrap_or_default();
+            if v.last_update.is_none() && v.updating.is_none() {
+                continue;
+            }
+            if std::mem::take(&mut first) {
+                s.push('\n');
+            }
+            s.push_str(&format!("{}: build {}{formats}\n", v.name, v.version));
+            if let Some(u) = &v.updating {
+                s.push_str(&format!("  {u}\n"));
+            }
+            if let Some(u) = &v.last_update {
+                s.push_str(&format!("  last update: {}\n", u.line()));
+            }
         }
         let mut first = true;
         for v in &self.servers {

@@ -766,6 +766,8 @@ impl Daemon {
             // Until the end: a failure on the way leaves the servers alone.
             disowned: true,
             lock: None,
+            update: None,
+            leftovers: Vec::new(),
         };
         debug_assert_eq!(d.apps[UDP_APPS].label, "udp");
         debug_assert_eq!(d.apps[TCP_APPS].label, "tcp");

@@ -207,6 +207,25 @@ impl Doorbell {
         }
     }
 
+    /// Producer side, for a doorbell several processes may park on at once (the standby
+    /// doorbell of a live update: one parked waiter clearing `sleeping` must not make the
+    /// ring skip another): bumps `epoch` and wakes every waiter, whatever `sleeping` says.
+    /// Costs a syscall every time; not for the data path.
+    pub fn ring_all(&self) {
+        let s = self.shm();
+        fence(Ordering::SeqCst);
+        s.sleeping.store(0, Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.wakes.fetch_add(1, Ordering::Relaxed);
+        match &self.efd {
+            Some(fd) => {
+                let one = 1u64.to_ne_bytes();
+                let _ = nix::unistd::write(fd, &one);
+            }
+            None => futex_wake(&s.epoch),
+        }
+    }
+
     /// Consumer side: waits until `ready()` is true, spinning per `policy` then parking, or
     /// until `timeout` passes. `ready` must be cheap and must load the producer's published
     /// state with Acquire (or stronger).

@@ -604,7 +604,8 @@ impl ControlBlock {
             .store(0, Ordering::Release);
         self.cell(field!(handover))
             .store(u64::from(pid) << 32 | order as u64, Ordering::Release);
-        self.standby_doorbell().ring();
+        // Two standbys may park on this doorbell: wake both, each re-checks its own order.
+        self.standby_doorbell().ring_all();
     }
 
     /// Supervisor: prepares the block for new standby processes (none may be waiting).

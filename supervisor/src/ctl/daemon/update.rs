@@ -218,6 +218,9 @@ pub(super) struct Update {
     step: Step,
     snapshot: Option<(u32, u64)>,
     blackout_us: Option<u64>,
+    /// The server log's length when the update began: what the update's processes said
+    /// comes after it.
+    log_from: u64,
 }
 
 impl Update {
@@ -349,13 +352,17 @@ impl Daemon {
         // The rollback build: what the running instance executes, even if the file it was
         // started from has since been replaced.
         let own = PathBuf::from(format!("/proc/{from_pid}/exe"));
+        let log_from = std::fs::metadata(self.log_file(name)).map_or(0, |m| m.len());
         let new = self.start_standby(i, &binary).map_err(|e| {
             format!(
                 "cannot start {}: {e}; {name} left as it is",
                 binary.display()
             )
         })?;
-        let fallback = match self.start_standby(i, &own) {
+        // ... with the environment it runs with (a variant selected there, say), under the
+        // boot variables of this start.
+        let own_env = procs::environ(from_pid).unwrap_or_default();
+        let fallback = match self.start_standby_with(i, &own, &own_env) {
             Ok(f) => f,
             Err(e) => {
                 new.kill();
@@ -397,12 +404,33 @@ impl Daemon {
             },
             snapshot: None,
             blackout_us: None,
+            log_from,
         };
         Ok(u)
     }
 
     fn start_standby(&self, i: usize, binary: &Path) -> Result<Standby, String> {
+        self.start_standby_with(i, binary, &Default::default())
+    }
+
+    /// Starts `binary` in standby for server `i`; `env` adds variables the start itself
+    /// does not set.
+    fn start_standby_with(
+        &self,
+        i: usize,
+        binary: &Path,
+        env: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Standby, String> {
         let mut cmd = self.command(i, binary, true).map_err(|e| e.to_string())?;
+        let set: Vec<String> = cmd
+            .get_envs()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for (k, v) in env {
+            if !set.contains(k) {
+                cmd.env(k, v);
+            }
+        }
         let child = cmd.spawn().map_err(|e| e.to_string())?;
         let pid = child.id();
         Ok(Standby {
@@ -470,7 +498,7 @@ impl Daemon {
             ("rollback standby", &mut u.fallback),
         ] {
             if let Some(status) = st.as_mut().and_then(Standby::exited) {
-                let log = self.log_tail(i);
+                let log = self.log_tail(i, u.log_from);
                 st.take();
                 return Some((
                     "refused",
@@ -629,7 +657,7 @@ impl Daemon {
         let refused = control.handover_result() == Some(false);
         let exited = u.new.as_mut().and_then(Standby::exited);
         if refused || exited.is_some() || now >= until {
-            let log = self.log_tail(i);
+            let log = self.log_tail(i, u.log_from);
             let why = if refused {
                 format!("the new build refused the state{log}")
             } else if let Some(st) = exited {
@@ -669,7 +697,7 @@ impl Daemon {
             s.pidfd = None;
             s.last_exit = Some(how.clone());
             self.release_all_claims(pid);
-            let log = self.log_tail(i);
+            let log = self.log_tail(i, u.log_from);
             let why = format!(
                 "the new build {how} {} ms into its {} ms grace period{log}",
                 now.duration_since(until.checked_sub(u.grace).unwrap_or(now))
@@ -724,7 +752,7 @@ impl Daemon {
             if let Some(st) = u.fallback.take() {
                 st.kill();
             }
-            let log = self.log_tail(i);
+            let log = self.log_tail(i, u.log_from);
             error!(
                 server = self.servers[i].name,
                 "update: the rollback failed too{log}"
@@ -870,10 +898,12 @@ impl Daemon {
         }
     }
 
-    /// The last lines of server `i`'s log, as " (log: ...)".
-    fn log_tail(&self, i: usize) -> String {
+    /// The last errors and warnings in server `i`'s log since byte `from`, as " (...)".
+    fn log_tail(&self, i: usize, from: u64) -> String {
         let log = self.log_file(self.servers[i].name);
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let bytes = std::fs::read(&log).unwrap_or_default();
+        let start = usize::try_from(from).unwrap_or(0).min(bytes.len());
+        let text = String::from_utf8_lossy(&bytes[start..]);
         let last: Vec<&str> = text
             .lines()
             .rev()

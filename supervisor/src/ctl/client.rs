@@ -293,6 +293,13 @@ pub fn call(
     BufReader::new(&stream)
         .read_line(&mut line)
         .map_err(io("read answer"))?;
+    if line.is_empty() {
+        return Err(ClientError::Protocol(
+            "the supervisor closed the connection without answering (did it die? `keepnet up` \
+             re-adopts the constellation, and settles an update it left half-way)"
+                .into(),
+        ));
+    }
     let ans: Answer = serde_json::from_str(line.trim())
         .map_err(|e| ClientError::Protocol(format!("{e}: {line:?}")))?;
     Ok((ans, Vec::new()))

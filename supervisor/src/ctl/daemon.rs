@@ -906,6 +906,11 @@ impl Daemon {
                         .filter(|p| p.0 == i)
                         .map(|(_, old, new, fallback)| vec![old, new, fallback])
                         .unwrap_or_default(),
+                    update_binary: self
+                        .update
+                        .as_ref()
+                        .filter(|u| u.pids().0 == i)
+                        .map(|u| u.binary().display().to_string()),
                 })
                 .collect(),
             apps: self

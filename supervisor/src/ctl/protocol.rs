@@ -151,6 +151,9 @@ pub struct ServerRecord {
     /// instance) serves, and ends the others.
     #[serde(default)]
     pub update_pids: Vec<u32>,
+    /// The binary that update was to.
+    #[serde(default)]
+    pub update_binary: Option<String>,
 }
 
 /// One attached application in the state file.

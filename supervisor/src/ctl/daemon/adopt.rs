@@ -163,6 +163,55 @@ fn server_alive(r: &ServerRecord) -> bool {
         && procs::exe(r.pid).is_some_and(|e| same_binary(&e, expected_exe(r)))
 }
 
+/// Waits (at most 3 s) until server `name`'s control block shows a live instance running:
+/// a live update that lost its supervisor finishes or falls back on its own. Then ends the
+/// update's standby processes that did not take over (they withdraw by themselves too).
+fn settle(name: &str, control: &ControlBlock, update_pids: &[u32]) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let pid = control.pid();
+        if control.state() == Some(keepnet_server::ServerState::Running) && procs::alive_as(pid, 0)
+        {
+            break;
+        }
+        if std::time::Instant::now() >= end {
+            warn!(
+                server = name,
+                state = ?control.state(),
+                pid,
+                "no instance runs after the interrupted update: restarting it"
+            );
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut pids: Vec<u32> = control.standby_pids().to_vec();
+    pids.extend(update_pids.iter().skip(1));
+    pids.sort_unstable();
+    pids.dedup();
+    for pid in pids {
+        // Started in standby for this constellation (one that hung before it registered,
+        // too), and not the instance that serves.
+        let standby = procs::environ(pid).is_ok_and(|e| {
+            e.get("KEEPNET_STANDBY").map(String::as_str) == Some("1")
+                && e.contains_key("KEEPNET_CONTROL_FD")
+        });
+        if pid != 0 && pid != control.pid() && standby {
+            if let Ok(fd) = procs::pidfd_open(pid) {
+                let _ = procs::pidfd_send_signal(
+                    std::os::fd::AsFd::as_fd(&fd),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                info!(
+                    server = name,
+                    pid, "ended a standby left by the interrupted update"
+                );
+            }
+        }
+    }
+    control.clear_handover();
+}
+
 /// A live server of the constellation being re-adopted: its pidfd and the fd numbers its
 /// environment names.
 struct Live {
@@ -390,10 +439,22 @@ impl Daemon {
         }
         let mut records = records;
         for ((&name, r), control) in SERVERS.iter().zip(records.iter_mut()).zip(&controls) {
-            if live.0.contains_key(name) {
+            // A live update was under way: let it settle (a reserved successor takes over
+            // without a supervisor; one that was not reserved withdraws), then adopt
+            // whichever instance serves.
+            let updating = !r.update_pids.is_empty();
+            if updating {
+                settle(name, control, &r.update_pids);
+            }
+            let serving = control.pid();
+            let moved_on = updating
+                && serving != 0
+                && procs::alive_as(serving, 0)
+                && live.0.get(name).is_some_and(|l| l.pid != serving);
+            if live.0.contains_key(name) && !moved_on {
                 continue;
             }
-            let pid = control.pid();
+            let pid = serving;
             if pid != 0 && pid != r.pid {
                 // Its own control fd must be this very control block (a pid reused by
                 // another instance's server runs the same binary).
@@ -408,13 +469,31 @@ impl Daemon {
                                 && std::os::unix::fs::MetadataExt::dev(&t) == o.st_dev)
                     })
                 };
-                if let Some(l) = Live::find(pid, 0, expected_exe(r)).filter(same) {
+                // An update's successor or rollback runs its own executable.
+                let exe = if r.update_pids.contains(&pid) {
+                    procs::exe(pid)
+                } else {
+                    Some(expected_exe(r).to_path_buf())
+                };
+                if let Some(l) = exe
+                    .as_deref()
+                    .and_then(|e| Live::find(pid, 0, e))
+                    .filter(same)
+                {
                     info!(
                         server = name,
                         pid, "found running under the pid its control block names"
                     );
+                    if updating && r.update_pids.get(1) == Some(&pid) {
+                        if let Some(b) = &r.update_binary {
+                            r.binary = b.clone();
+                        }
+                    }
                     r.pid = pid;
                     r.start = l.start;
+                    if let Some(e) = &exe {
+                        r.exe = e.to_string_lossy().into_owned();
+                    }
                     live.0.insert(name, l);
                 }
             }

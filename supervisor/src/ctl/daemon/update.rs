@@ -229,6 +229,11 @@ impl Update {
         (self.server, self.from_pid, self.new_pid, self.fallback_pid)
     }
 
+    /// The binary it updates to.
+    pub(super) fn binary(&self) -> &Path {
+        &self.binary
+    }
+
     /// What status shows of it.
     pub(super) fn describe(&self) -> String {
         let step = match &self.step {
@@ -269,6 +274,11 @@ impl Daemon {
                 let _ = client.set_write_timeout(Some(Duration::from_secs(2)));
                 u.client = Some(client);
                 self.update = Some(u);
+                // On disk at once: a supervisor that dies now leaves its successor the
+                // update's processes to settle.
+                if let Err(e) = self.write_state() {
+                    warn!(%e, "could not write the state file");
+                }
             }
             Err(message) => send(&client, &Answer::Error { message }, &[]),
         }

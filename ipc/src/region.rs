@@ -87,8 +87,34 @@ fn sys(op: &'static str) -> impl FnOnce(nix::errno::Errno) -> RegionError {
 
 struct Inner {
     file: File,
-    map: MmapRaw,
+    /// Unmapped in `Drop`, unless [`keep_mappings_until_exit`] was called.
+    map: std::mem::ManuallyDrop<MmapRaw>,
     size: usize,
+}
+
+/// Set by [`keep_mappings_until_exit`].
+static KEEP_MAPPINGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on, a region whose last handle goes keeps its mapping until the process exits.
+/// For a server that hands over at a live update: dropping its server releases every ring
+/// claim at once, without the munmap of every region on the way (page-table teardown of
+/// large pools, milliseconds that would count in the blackout); the process exits next.
+pub fn keep_mappings_until_exit() {
+    KEEP_MAPPINGS.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if KEEP_MAPPINGS.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: `map` is dropped exactly once, here, and `self` is never used again (this
+        // is its destructor).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.map)
+        }
+    }
 }
 
 /// A shared mapping of a memfd. Cloning is cheap and shares the mapping; the mapping lives
@@ -150,7 +176,11 @@ impl Region {
                 source: e,
             })?;
         let region = Region {
-            inner: Arc::new(Inner { file, map, size }),
+            inner: Arc::new(Inner {
+                file,
+                map: std::mem::ManuallyDrop::new(map),
+                size,
+            }),
         };
         let hdr = region.header_ptr();
         let mut name_bytes = [0u8; 32];
@@ -179,6 +209,33 @@ impl Region {
     /// Maps a region received from elsewhere (inherited or over SCM_RIGHTS) and checks its
     /// header: magic, layout version, that the recorded size is the real size, and the kind.
     pub fn open(fd: OwnedFd, expected: RegionKind) -> Result<Region, RegionError> {
+        Region::open_with(fd, Some(expected))
+    }
+
+    /// Maps a region of any kind, for a live-update successor that maps everything while it
+    /// waits in standby (no mmap in the blackout). Check the kind later with
+    /// [`Region::check_kind`]. (Faulting every page in at once, MAP_POPULATE, was tried: it
+    /// made standby slow and the takeover no faster.)
+    pub fn open_any_kind(fd: OwnedFd) -> Result<Region, RegionError> {
+        Region::open_with(fd, None)
+    }
+
+    /// Refuses a region that is not of kind `expected`.
+    pub fn check_kind(&self, expected: RegionKind) -> Result<(), RegionError> {
+        let hdr = self.header_ptr();
+        // SAFETY: as in `open_with`: the header lies in the mapping; a volatile copy of a
+        // plain integer, valid for any bits.
+        let kind = unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*hdr).kind)) };
+        if kind != expected.0 {
+            return Err(RegionError::BadKind {
+                found: kind,
+                expected: expected.0,
+            });
+        }
+        Ok(())
+    }
+
+    fn open_with(fd: OwnedFd, expected: Option<RegionKind>) -> Result<Region, RegionError> {
         let file = File::from(fd);
         let actual = file
             .metadata()
@@ -203,7 +260,7 @@ impl Region {
         let region = Region {
             inner: Arc::new(Inner {
                 file,
-                map,
+                map: std::mem::ManuallyDrop::new(map),
                 size: actual as usize,
             }),
         };
@@ -238,13 +295,13 @@ impl Region {
                 actual,
             });
         }
-        if kind != expected.0 {
-            return Err(RegionError::BadKind {
+        match expected {
+            Some(e) if kind != e.0 => Err(RegionError::BadKind {
                 found: kind,
-                expected: expected.0,
-            });
+                expected: e.0,
+            }),
+            _ => Ok(region),
         }
-        Ok(region)
     }
 
     /// Duplicates the region's fd (close-on-exec) and maps it again, as a receiving process

@@ -61,6 +61,8 @@ pub enum BootError {
 pub struct Boot {
     control: ControlBlock,
     regions: BTreeMap<String, OwnedFd>,
+    /// Regions mapped ahead (a standby successor: see [`Boot::premap`]).
+    mapped: BTreeMap<String, Region>,
     fds: BTreeMap<String, OwnedFd>,
     options: RunOptions,
 }
@@ -141,6 +143,7 @@ impl Boot {
         Ok(Boot {
             control,
             regions,
+            mapped: BTreeMap::new(),
             fds,
             options: RunOptions {
                 core,
@@ -161,8 +164,33 @@ impl Boot {
         &self.options
     }
 
+    /// Standby: maps every region handed over now, so that the build after the handover
+    /// finds them mapped (no mmap in the blackout). A region that
+    /// does not map stays for [`Boot::region`] to report.
+    pub fn premap(&mut self) {
+        let names: Vec<String> = self.regions.keys().cloned().collect();
+        for name in names {
+            let Some(fd) = self.regions.get(&name) else {
+                continue;
+            };
+            let Ok(dup) = fd.try_clone() else { continue };
+            // The inherited fd itself stays open at its number for the process's life (a
+            // re-adopting supervisor fetches it there); the mapping holds a duplicate.
+            if let Ok(r) = Region::open_any_kind(dup) {
+                self.mapped.insert(name, r);
+            }
+        }
+    }
+
     /// Maps the region handed over under `name` (each can be taken once).
     pub fn region(&mut self, name: &str, kind: RegionKind) -> Result<Region, BootError> {
+        if let Some(r) = self.mapped.remove(name) {
+            r.check_kind(kind).map_err(|source| BootError::Region {
+                name: name.into(),
+                source,
+            })?;
+            return Ok(r);
+        }
         let fd = self
             .regions
             .remove(name)

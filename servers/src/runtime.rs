@@ -549,6 +549,9 @@ where
         }
     }
     let standby = boot.options().standby;
+    if standby {
+        boot.premap();
+    }
     let order = if standby {
         wait_for_handover(boot.control())
     } else {
@@ -558,6 +561,7 @@ where
         info!("standby ended by the supervisor");
         return ExitCode::SUCCESS;
     }
+    let ordered = monotonic_ns();
     let mut server = match build(&mut boot) {
         Ok(s) => s,
         Err(e) => {
@@ -586,6 +590,7 @@ where
         }
         info!("restored state from the predecessor's snapshot");
     }
+    let built = monotonic_ns();
     if standby {
         if S::HOTPLUG {
             match server.hotplug() {
@@ -598,6 +603,15 @@ where
         }
         boot.control().forget_standby(std::process::id());
         boot.control().set_handover_result(true);
+        let now = monotonic_ns();
+        let handoff = boot.control().handoff_ns();
+        info!(
+            since_handoff_us = now.saturating_sub(handoff) / 1000,
+            woke_us = ordered.saturating_sub(handoff) / 1000,
+            build_restore_us = built.saturating_sub(ordered) / 1000,
+            apps_us = now.saturating_sub(built) / 1000,
+            "took over"
+        );
     }
     if let Some(Fault::CrashAfterMs(ms)) = fault {
         std::thread::spawn(move || {
@@ -611,7 +625,8 @@ where
         Ok(RunEnd::Stopped) => ExitCode::SUCCESS,
         Ok(RunEnd::HandedOff { successor }) => {
             // Every ring this instance claimed is released here, before the successor may
-            // claim any.
+            // claim any; the mappings stay until the exit (no munmap in the blackout).
+            keepnet_ipc::region::keep_mappings_until_exit();
             drop(server);
             control.set_state(ServerState::Stopped);
             control.hand_over(successor, Handover::Restore);

@@ -510,6 +510,9 @@ pub struct TcpServer {
     listen_index: HashMap<u16, u32>,
     free_conns: Vec<u32>,
     free_listeners: Vec<u32>,
+    /// Per connection slot, grown to the highest slot recovered or allocated (not sized to
+    /// the table up front: a successor taking over at a live update would otherwise spend a
+    /// millisecond of the blackout building 16 K of these).
     local: Vec<Local>,
     timers: BinaryHeap<Reverse<(u64, u32)>>,
     dirty: Vec<u32>,
@@ -625,7 +628,7 @@ impl TcpServer {
             listen_index: HashMap::new(),
             free_conns: (0..geo.conns).rev().collect(),
             free_listeners: (0..geo.listeners).rev().collect(),
-            local: (0..geo.conns).map(|_| Local::default()).collect(),
+            local: Vec::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             blocked: Vec::new(),
@@ -658,6 +661,7 @@ impl TcpServer {
         let hwm = self.state.conn_hwm();
         let mut used = vec![false; geo.conns as usize];
         let (mut conns, mut bad) = (0, 0);
+        self.local.resize_with(hwm as usize, Local::default);
         for i in 0..hwm {
             let Some(m) = self.state.restore_conn(i) else {
                 continue;
@@ -1385,6 +1389,9 @@ impl TcpServer {
             app,
             ..Meta::default()
         };
+        if self.local.len() <= slot as usize {
+            self.local.resize_with(slot as usize + 1, Local::default);
+        }
         self.local[slot as usize] = Local::default();
         self.conn_index
             .insert((u32::from(*remote.ip()), remote.port(), local.port()), slot);

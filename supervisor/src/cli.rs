@@ -11,6 +11,7 @@ use crate::bench::tcp_probe::TcpProbeArgs;
 use crate::bench::tcp_server::TcpServerArgs;
 use crate::bench::udp::UdpArgs;
 use crate::bench::udp_echo::EchoServerArgs;
+use crate::bench::update::UpdateBenchArgs;
 
 /// keepnet: a user-space TCP/IP stack of cooperating processes.
 #[derive(Debug, Parser)]
@@ -154,6 +155,16 @@ pub enum BenchTarget {
     /// downloads whose every byte is checked; progress goes to stderr; the run is bounded by
     /// --timeout-s.
     Recovery(RecoveryArgs),
+    /// Live update of each server to the binary it runs (`keepnet update`, a short grace
+    /// period): blackout p50, p99, max beside the target (p50 < 1 ms, p99 < 10 ms) and the
+    /// published anchors (Google Snap, Andromeda), updates done and rolled back, connections
+    /// lost, and the throughput dip of a TCP download from the Linux kernel around each
+    /// update (bytes per 10 ms, 100 ms before vs after the handoff); needs root.
+    ///
+    /// Each server in turn (driver, ip, udp, tcp) is updated --updates times during HTTP
+    /// downloads whose every byte is checked; progress goes to stderr; the run is bounded by
+    /// --timeout-s.
+    Update(UpdateBenchArgs),
 }
 
 #[derive(Debug, Args)]

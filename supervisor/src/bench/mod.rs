@@ -16,6 +16,7 @@ pub mod tcp_probe;
 pub mod tcp_server;
 pub mod udp;
 pub mod udp_echo;
+pub mod update;
 pub mod veth;
 
 use crate::cli::{BenchArgs, BenchTarget};
@@ -29,5 +30,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchTarget::Udp(a) => udp::run(a),
         BenchTarget::Tcp(a) => tcp::run(a),
         BenchTarget::Recovery(a) => recovery::run(a),
+        BenchTarget::Update(a) => update::run(a),
     }
 }

@@ -1,7 +1,7 @@
 //! `keepnet demo`: the main job with no setup. A private namespace, keepnet up inside it,
 //! traffic from the Linux kernel on the other side of the TAP (ping, UDP echo, a TCP
-//! download, and a download during which each server is killed and comes back), a report,
-//! and teardown on every exit path.
+//! download, a download during which each server is killed and comes back, and one during
+//! which the tcp server is live-updated), a report, and teardown on every exit path.
 
 use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
@@ -164,6 +164,19 @@ pub fn run() -> Result<(), ClientError> {
         }
     };
 
+    const UPDATE_DOWNLOAD: u64 = 2 << 30;
+    step(&format!(
+        "live update: `keepnet update tcp` (to the binary it runs) in the middle of a download of \
+         http://{target}/bytes/{UPDATE_DOWNLOAD} by curl, whose SHA-256 is checked at the end"
+    ));
+    let update_ok = match update_during_a_download(&exe, &path, &netns, &target, UPDATE_DOWNLOAD) {
+        Ok(ok) => ok,
+        Err(e) => {
+            println!("live update step failed: {e}");
+            false
+        }
+    };
+
     step("the kernel's neighbour table: keepnet's MAC");
     if let Ok((_, neigh, _)) = lab::netns_exec(&netns, &["ip", "neigh", "show", &target]) {
         print!("{neigh}");
@@ -214,7 +227,15 @@ pub fn run() -> Result<(), ClientError> {
             "FAILED (see above)"
         }
     );
-    if ok && ok_big && udp_ok && tcp_ok && crash_ok && gone {
+    println!(
+        "live update: {}",
+        if update_ok {
+            "tcp updated mid-download (blackout above); download complete, SHA-256 right"
+        } else {
+            "FAILED (see above)"
+        }
+    );
+    if ok && ok_big && udp_ok && tcp_ok && crash_ok && update_ok && gone {
         println!("demo: OK");
         Ok(())
     } else {
@@ -410,4 +431,98 @@ fn crashes_during_a_download(
         if right { "right" } else { "WRONG" }
     );
     Ok(all_back && all_mid && curl_exit == "0" && right)
+}
+
+/// Live-updates the tcp server with `keepnet update tcp` (to the binary it runs, the default
+/// grace period) half a second into a curl download, printing the update's line; true if
+/// the update was `updated` while the download was under way and the download completed
+/// with the right SHA-256.
+fn update_during_a_download(
+    exe: &Path,
+    config: &Path,
+    netns: &str,
+    target: &str,
+    bytes: u64,
+) -> Result<bool, ClientError> {
+    let before = server_json(config, "tcp")?;
+    let mut dl = Pipeline::start(
+        netns,
+        &format!(
+            "{{ curl -sS --fail --max-time 150 http://{target}/bytes/{bytes}; \
+             echo curl_exit=$? >&2; }} | sha256sum"
+        ),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mid_before = dl.running();
+    let mut update = Command::new(exe);
+    update
+        .args(["update", "tcp", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn");
+    let (status, out, err) = crate::bench::child::run_bounded(&mut update, Duration::from_secs(90))
+        .map_err(|e| ClientError::Protocol(format!("keepnet update tcp: {e}")))?;
+    let mid_after = dl.running();
+    let exit_ok = status.is_some_and(|s| s.success());
+    let line = out.trim();
+    // Status says the same as the command did, or the update was not what it seemed.
+    let after = server_json(config, "tcp")?;
+    let last = &after["last_update"];
+    let updated = exit_ok && last["result"] == "updated";
+    if updated {
+        println!("{line}");
+        println!(
+            "status: tcp pid {} -> {}, generation {} -> {}, state {}, blackout {} (last_update)",
+            before["pid"],
+            after["pid"],
+            before["generation"],
+            after["generation"],
+            after["state"],
+            last["blackout_us"]
+                .as_u64()
+                .map_or("not measured".into(), |us| format!(
+                    "{:.3} ms",
+                    us as f64 / 1000.0
+                )),
+        );
+    } else {
+        println!(
+            "keepnet update tcp: NOT UPDATED ({}): {}{}",
+            status.map_or("killed at its time limit".into(), |s| s.to_string()),
+            line,
+            if err.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" {}", err.trim())
+            }
+        );
+        if !last.is_null() {
+            println!(
+                "status last_update: result {}, reason {}",
+                last["result"], last["reason"]
+            );
+        }
+    }
+    if !(mid_before && mid_after) {
+        println!(
+            "NOTE: the download was not under way {} the update: it did not run through it",
+            if mid_before { "after" } else { "before" }
+        );
+    }
+    let (out, err) = dl.finish(Duration::from_secs(160));
+    let curl_exit = err
+        .lines()
+        .find_map(|l| l.strip_prefix("curl_exit="))
+        .map(str::trim)
+        .unwrap_or("?")
+        .to_string();
+    for l in err.lines().filter(|l| !l.starts_with("curl_exit=")) {
+        eprintln!("{l}");
+    }
+    let got = out.split_whitespace().next().unwrap_or("").to_string();
+    let right = got == crate::bench::tcp::pattern_sha256(bytes);
+    println!(
+        "download of {bytes} bytes through the update: curl exit {curl_exit}, sha256 {got} ({})",
+        if right { "right" } else { "WRONG" }
+    );
+    Ok(updated && mid_before && mid_after && curl_exit == "0" && right)
 }

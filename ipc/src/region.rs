@@ -92,6 +92,24 @@ struct Inner {
     size: usize,
 }
 
+/// Regions mapped ahead by [`Region::premap`], by (device, inode) of their memfd.
+static PREMAPPED: std::sync::Mutex<Vec<(u64, u64, Region)>> = std::sync::Mutex::new(Vec::new());
+
+/// The premapped region of the memfd behind `file`, if any (one fstat when the cache is
+/// empty: nothing else).
+fn premapped(file: &File) -> Option<Region> {
+    use std::os::unix::fs::MetadataExt;
+    let cache = PREMAPPED.lock().ok()?;
+    if cache.is_empty() {
+        return None;
+    }
+    let m = file.metadata().ok()?;
+    cache
+        .iter()
+        .find(|(dev, ino, _)| *dev == m.dev() && *ino == m.ino())
+        .map(|(_, _, r)| r.clone())
+}
+
 /// Set by [`keep_mappings_until_exit`].
 static KEEP_MAPPINGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -209,15 +227,23 @@ impl Region {
     /// Maps a region received from elsewhere (inherited or over SCM_RIGHTS) and checks its
     /// header: magic, layout version, that the recorded size is the real size, and the kind.
     pub fn open(fd: OwnedFd, expected: RegionKind) -> Result<Region, RegionError> {
-        Region::open_with(fd, Some(expected))
+        Region::open_with(fd, Some(expected), false)
     }
 
-    /// Maps a region of any kind, for a live-update successor that maps everything while it
-    /// waits in standby (no mmap in the blackout). Check the kind later with
-    /// [`Region::check_kind`]. (Faulting every page in at once, MAP_POPULATE, was tried: it
-    /// made standby slow and the takeover no faster.)
-    pub fn open_any_kind(fd: OwnedFd) -> Result<Region, RegionError> {
-        Region::open_with(fd, None)
+    /// Maps a region of any kind ahead of its use, for a live-update successor that maps
+    /// what it will need while it waits in standby: with `populate`, every page is faulted in
+    /// now (MAP_POPULATE). The mapping is remembered for the life of the process: a later
+    /// [`Region::open`] of the same memfd (another fd for it, say from a hotplug message)
+    /// returns it, so neither the mmap nor the page faults fall in the blackout.
+    pub fn premap(fd: OwnedFd, populate: bool) -> Result<Region, RegionError> {
+        let r = Region::open_with(fd, None, populate)?;
+        if let Ok(m) = r.inner.file.metadata() {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(mut cache) = PREMAPPED.lock() {
+                cache.push((m.dev(), m.ino(), r.clone()));
+            }
+        }
+        Ok(r)
     }
 
     /// Refuses a region that is not of kind `expected`.
@@ -235,8 +261,18 @@ impl Region {
         Ok(())
     }
 
-    fn open_with(fd: OwnedFd, expected: Option<RegionKind>) -> Result<Region, RegionError> {
+    fn open_with(
+        fd: OwnedFd,
+        expected: Option<RegionKind>,
+        populate: bool,
+    ) -> Result<Region, RegionError> {
         let file = File::from(fd);
+        if let Some(r) = premapped(&file) {
+            if let Some(e) = expected {
+                r.check_kind(e)?;
+            }
+            return Ok(r);
+        }
         let actual = file
             .metadata()
             .map_err(|e| RegionError::Sys {
@@ -250,13 +286,15 @@ impl Region {
                 min: HEADER_SIZE,
             });
         }
-        let map = MmapOptions::new()
-            .len(actual as usize)
-            .map_raw(&file)
-            .map_err(|e| RegionError::Sys {
-                op: "mmap",
-                source: e,
-            })?;
+        let mut opts = MmapOptions::new();
+        opts.len(actual as usize);
+        if populate {
+            opts.populate();
+        }
+        let map = opts.map_raw(&file).map_err(|e| RegionError::Sys {
+            op: "mmap",
+            source: e,
+        })?;
         let region = Region {
             inner: Arc::new(Inner {
                 file,

@@ -142,6 +142,20 @@ fn slot_align<T>() -> usize {
     std::mem::align_of::<T>().max(64)
 }
 
+/// A live process whose ring claims this process may take over as if it had died: a live-
+/// update predecessor that has handed off and never touches a ring again (see
+/// [`take_over_from`]). 0: none.
+static PREDECESSOR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Lets this process take over the ring sides `pid` holds although `pid` is alive: a live
+/// update's successor, ordered to take over by a predecessor that has written its snapshot,
+/// answered its last command and returned from its loop (it only exits after that; its
+/// handles release their claims by compare-and-swap, which leaves a taken-over claim alone).
+/// The successor claims at once instead of waiting for the predecessor's teardown.
+pub fn take_over_from(pid: u32) {
+    PREDECESSOR.store(pid, Ordering::SeqCst);
+}
+
 /// True if a process with this pid exists and has not exited. EPERM means it exists but
 /// belongs to someone else. 0 and values that are not valid pids are never alive (a negative
 /// pid would name a process group). A zombie (exited, not yet reaped) is not alive: it can
@@ -415,7 +429,8 @@ impl<T: Pod> Ring<T> {
                 {
                     return Ok(Claim::Fresh);
                 }
-            } else if cur == me || process_alive(cur) {
+            } else if cur == me || (cur != PREDECESSOR.load(Ordering::SeqCst) && process_alive(cur))
+            {
                 return Err(RingError::AlreadyClaimed { side, pid: cur });
             } else if cell
                 .compare_exchange(cur, me, Ordering::AcqRel, Ordering::Relaxed)

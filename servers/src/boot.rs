@@ -165,7 +165,8 @@ impl Boot {
     }
 
     /// Standby: maps every region handed over now, so that the build after the handover
-    /// finds them mapped (no mmap in the blackout). A region that
+    /// finds them mapped (no mmap in the blackout); the applications' regions handed over as
+    /// `app.ID` are mapped with their pages in, for the attach after the handover. A region that
     /// does not map stays for [`Boot::region`] to report.
     pub fn premap(&mut self) {
         let names: Vec<String> = self.regions.keys().cloned().collect();
@@ -176,8 +177,13 @@ impl Boot {
             let Ok(dup) = fd.try_clone() else { continue };
             // The inherited fd itself stays open at its number for the process's life (a
             // re-adopting supervisor fetches it there); the mapping holds a duplicate.
-            if let Ok(r) = Region::open_any_kind(dup) {
-                self.mapped.insert(name, r);
+            // Applications' regions (`app.ID`, a few MiB each) get their pages faulted in now:
+            // the successor maps them again from the hotplug socket's fds, and finds these.
+            let app = name.starts_with("app.");
+            if let Ok(r) = Region::premap(dup, app) {
+                if !app {
+                    self.mapped.insert(name, r);
+                }
             }
         }
     }

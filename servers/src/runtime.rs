@@ -562,6 +562,11 @@ where
         return ExitCode::SUCCESS;
     }
     let ordered = monotonic_ns();
+    if standby {
+        // Whoever ran on this block last has stopped touching the rings (a predecessor that
+        // handed off, or a successor the supervisor reaped): claim over it at once.
+        keepnet_ipc::ring::take_over_from(boot.control().pid());
+    }
     let mut server = match build(&mut boot) {
         Ok(s) => s,
         Err(e) => {
@@ -624,12 +629,13 @@ where
     match run(&mut server, &control, &opts) {
         Ok(RunEnd::Stopped) => ExitCode::SUCCESS,
         Ok(RunEnd::HandedOff { successor }) => {
-            // Every ring this instance claimed is released here, before the successor may
-            // claim any; the mappings stay until the exit (no munmap in the blackout).
-            keepnet_ipc::region::keep_mappings_until_exit();
-            drop(server);
+            // This instance touches no ring from here on: the successor claims over it
+            // (`take_over_from`) without waiting for the teardown below, whose releases
+            // are compare-and-swaps that leave a taken-over claim alone.
             control.set_state(ServerState::Stopped);
             control.hand_over(successor, Handover::Restore);
+            keepnet_ipc::region::keep_mappings_until_exit();
+            drop(server);
             info!(successor, "handed over; exiting");
             ExitCode::SUCCESS
         }

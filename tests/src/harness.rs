@@ -320,3 +320,15 @@ pub fn seed(test: &str) -> u64 {
     println!("{test}: seed {s} (replay with KEEPNET_TEST_SEED={s})");
     s
 }
+
+/// True if process `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 1..))
+            .and_then(|r| r.split_whitespace().next())
+            .is_some_and(|st| st == "Z" || st == "X"),
+    }
+}

@@ -13,22 +13,19 @@
 //! every exit path (Drop guards, watchdogs).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keepnet_tests::harness::{heavy_lock, seed, Rng, Watchdog};
-use keepnet_tests::lab::{bytes_sha256, root_or_skip, server, Lab, NsJob, KEEPNET_IP};
+use keepnet_tests::harness::{exited, heavy_lock, seed, Rng, Watchdog};
+use keepnet_tests::lab::{root_or_skip, server, Lab};
+use keepnet_tests::loads::{udp_probe, Download, Downloads, UdpLoad, UdpTotals};
 
 const GIB: u64 = 1 << 30;
 const SERVERS: [&str; 4] = ["driver", "ip", "udp", "tcp"];
 /// Datagrams the UDP load may lose per kill: those in flight when a server dies. The load
-/// keeps at most [`UDP_OUTSTANDING`] in flight, so this is a generous bound.
+/// keeps at most [`keepnet_tests::loads::UDP_OUTSTANDING`] in flight, so this is a generous
+/// bound.
 const UDP_LOSS_PER_KILL: u64 = 64;
-const UDP_OUTSTANDING: usize = 4;
 /// How long a killed server may take to be running again (a bound, not a target: the
 /// target is milliseconds, and `keepnet bench recovery` measures it).
 const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
@@ -191,212 +188,6 @@ fn recovery_ms(st: &serde_json::Value, name: &str) -> Option<f64> {
     server(st, name)["last_recovery_us"]
         .as_u64()
         .map(|us| us as f64 / 1000.0)
-}
-
-// ---------------------------------------------------------------------------------------
-// The loads: a curl download and a UDP echo run from the kernel side.
-
-/// `curl http://KEEPNET/bytes/N | sha256sum` in the lab's namespace.
-struct Download {
-    job: NsJob,
-    bytes: u64,
-    limit: Duration,
-}
-
-impl Download {
-    fn start(lab: &Lab, bytes: u64, limit: Duration) -> Download {
-        let secs = limit.as_secs().max(1);
-        let job = lab.spawn_sh(&format!(
-            "curl -sS --fail --max-time {secs} http://{KEEPNET_IP}/bytes/{bytes} | sha256sum; \
-             echo \"curl_exit=${{PIPESTATUS[0]}}\""
-        ));
-        Download {
-            job,
-            bytes,
-            limit: limit + Duration::from_secs(10),
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.job.running()
-    }
-
-    /// Waits for the end; asserts curl's exit 0 (no reset, no timeout) and the SHA-256.
-    fn check(self, what: &str) {
-        let (status, out, err) = self.job.finish(self.limit);
-        eprintln!("{what}: {status:?}\n{out}{err}");
-        let curl_exit = out
-            .lines()
-            .find_map(|l| l.strip_prefix("curl_exit="))
-            .map(str::trim);
-        assert_eq!(
-            curl_exit,
-            Some("0"),
-            "{what}: curl failed (exit 56 is a reset or a cut connection, 28 a timeout): {err}"
-        );
-        let got = out.split_whitespace().next();
-        assert_eq!(
-            got,
-            Some(bytes_sha256(self.bytes).as_str()),
-            "{what}: SHA-256 of /bytes/{}",
-            self.bytes
-        );
-    }
-}
-
-/// Totals of the UDP echo runs.
-#[derive(Debug, Default)]
-struct UdpTotals {
-    runs: u64,
-    sent: u64,
-    echoed_ok: u64,
-    lost: u64,
-    mismatched: u64,
-    late_or_duplicate: u64,
-    unsent: u64,
-    /// Runs that printed no summary.
-    failed_runs: u64,
-}
-
-/// One `keepnet __udp-probe` run from namespace `ns` against keepnet's UDP echo (port 7):
-/// `count` datagrams of 8..=1400 bytes (no fragments), [`UDP_OUTSTANDING`] in flight,
-/// `retries` resends of one whose echo is a second late; its JSON summary (null if none).
-fn udp_probe(ns: &str, keepnet: &Path, count: u64, retries: u32, seed: u64) -> serde_json::Value {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(keepnet)
-        .args(["__udp-probe", "--target", &format!("{KEEPNET_IP}:7")])
-        .args(["--count", &count.to_string()])
-        .args(["--min-size", "8", "--max-size", "1400"])
-        .args(["--outstanding", &UDP_OUTSTANDING.to_string()])
-        .args(["--retries", &retries.to_string(), "--timeout-ms", "1000"])
-        .args(["--seed", &seed.to_string(), "--max-seconds", "30", "--json"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run keepnet __udp-probe");
-    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    if v.is_null() {
-        eprintln!(
-            "udp probe printed no JSON: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    v
-}
-
-/// Probe runs one after another (200 datagrams each, no resends, so `lost` counts every
-/// datagram whose echo did not come back within a second) until stopped.
-struct UdpLoad {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<UdpTotals>>,
-}
-
-impl UdpLoad {
-    fn start(lab: &Lab) -> UdpLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let (ns, keepnet) = (lab.ns.clone(), lab.keepnet.clone());
-        let thread = std::thread::spawn(move || {
-            let mut t = UdpTotals::default();
-            // Bounded: each run by its 200 datagrams and 30 s, the loop by the owner's stop
-            // and by this deadline.
-            let end = Instant::now() + Duration::from_secs(600);
-            while !flag.load(Ordering::Relaxed) && Instant::now() < end {
-                let v = udp_probe(&ns, &keepnet, 200, 0, t.runs + 1);
-                let n = |k: &str| v[k].as_u64().unwrap_or(0);
-                t.runs += 1;
-                t.failed_runs += u64::from(v.is_null());
-                t.sent += n("sent");
-                t.echoed_ok += n("echoed_ok");
-                t.lost += n("lost");
-                t.mismatched += n("mismatched");
-                t.late_or_duplicate += n("late_or_duplicate");
-                t.unsent += n("unsent");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            t
-        });
-        UdpLoad {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> UdpTotals {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .expect("the UDP load thread panicked")
-    }
-}
-
-impl Drop for UdpLoad {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Downloads one after another: a kill always lands in one under way (a fast build may
-/// finish a download before all the kills are done). Each download is checked when it ends.
-struct Downloads<'a> {
-    lab: &'a Lab,
-    bytes: u64,
-    current: Option<Download>,
-    done: u32,
-}
-
-impl<'a> Downloads<'a> {
-    /// Starts the first download and gives it a second to get going.
-    fn start(lab: &'a Lab, bytes: u64) -> Downloads<'a> {
-        let mut d = Downloads {
-            lab,
-            bytes,
-            current: None,
-            done: 0,
-        };
-        d.ensure_running();
-        std::thread::sleep(Duration::from_millis(500));
-        d
-    }
-
-    /// Makes sure a download is under way: checks one that has ended and starts the next.
-    fn ensure_running(&mut self) {
-        if let Some(d) = &mut self.current {
-            if d.running() {
-                return;
-            }
-        }
-        if let Some(d) = self.current.take() {
-            self.done += 1;
-            d.check(&format!("download {}", self.done));
-        }
-        self.current = Some(Download::start(
-            self.lab,
-            self.bytes,
-            Duration::from_secs(150),
-        ));
-        // Past the connection setup, into the transfer.
-        std::thread::sleep(Duration::from_millis(500));
-    }
-
-    /// Whether a download is under way now.
-    fn running(&mut self) -> bool {
-        self.current.as_mut().is_some_and(Download::running)
-    }
-
-    /// Waits for the last download and checks it; returns how many there were.
-    fn finish(mut self) -> u32 {
-        if let Some(d) = self.current.take() {
-            self.done += 1;
-            d.check(&format!("download {} (the last)", self.done));
-        }
-        self.done
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -684,18 +475,6 @@ fn ip_scribbling_over_its_rings_costs_no_neighbour_and_no_connection() {
         .collect::<serde_json::Map<_, _>>()
         .into();
     println!("drops after the scribble: {drops}");
-}
-
-/// True if process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s.get(i + 1..))
-            .and_then(|r| r.split_whitespace().next())
-            .is_some_and(|st| st == "Z" || st == "X"),
-    }
 }
 
 /// The supervisor's own row of the recovery table: killed with SIGKILL during a 1 GiB

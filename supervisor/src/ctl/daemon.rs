@@ -335,7 +335,7 @@ pub struct Daemon {
     /// The live update under way (one at a time).
     update: Option<update::Update>,
     /// Processes a live update left to reap (dismissed standbys, old instances).
-    leftovers: Vec<std::process::Child>,
+    leftovers: Vec<(std::process::Child, Instant)>,
 }
 
 fn placement(config: &Config) -> Vec<RunOptions> {
@@ -706,6 +706,19 @@ impl Daemon {
             standby,
             ..s.opts.clone()
         };
+        // A standby transport server maps the live applications' regions ahead (`app.ID`):
+        // it takes them over from the hotplug socket after the handover, and finds them
+        // mapped then.
+        let app_regions: Vec<(String, keepnet_ipc::Region)> = if standby {
+            self.apps
+                .iter()
+                .filter(|set| set.label == s.name)
+                .flat_map(|set| set.conns.values())
+                .map(|c| (format!("app.{}", c.app), c.link.region().clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut cmd = Command::new(binary);
         cmd.stdin(Stdio::null())
             .stdout(out)
@@ -744,6 +757,9 @@ impl Daemon {
                 if let Some(r) = &ip_region {
                     regions.push(("peer.ip", r));
                 }
+                for (n, r) in &app_regions {
+                    regions.push((n.as_str(), r));
+                }
                 let fds = [
                     ("bell", self.udp_bell.as_fd()),
                     ("hotplug", self.apps[UDP_APPS].server_end()),
@@ -758,6 +774,9 @@ impl Daemon {
                 ];
                 if let Some(r) = &ip_region {
                     regions.push(("peer.ip", r));
+                }
+                for (n, r) in &app_regions {
+                    regions.push((n.as_str(), r));
                 }
                 let fds = [
                     ("bell", self.tcp_bell.as_fd()),

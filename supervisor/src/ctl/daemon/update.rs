@@ -58,6 +58,9 @@ const HANDOFF_LIMIT: Duration = Duration::from_secs(3);
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(5);
 /// Longest wait for `BINARY --version`.
 const VERSION_LIMIT: Duration = Duration::from_secs(5);
+/// How long a process an update left (a dismissed standby, the old instance) may take to
+/// exit before it is killed.
+const LEFTOVER_LIMIT: Duration = Duration::from_secs(2);
 /// The grace period when `--grace` is not given.
 pub const DEFAULT_GRACE: Duration = Duration::from_millis(500);
 
@@ -545,11 +548,22 @@ impl Daemon {
             return None;
         }
         if now >= until {
-            let which = if ready(u.new_pid) {
+            let (new_ready, fallback_ready) = (ready(u.new_pid), ready(u.fallback_pid));
+            let which = if new_ready {
                 "the rollback standby"
             } else {
                 "the new build"
             };
+            if !new_ready {
+                if let Some(st) = u.new.take() {
+                    st.kill();
+                }
+            }
+            if !fallback_ready {
+                if let Some(st) = u.fallback.take() {
+                    st.kill();
+                }
+            }
             return Some((
                 "refused",
                 Some(format!(
@@ -721,7 +735,7 @@ impl Daemon {
         if now >= until {
             if let Some(f) = u.fallback.take() {
                 self.servers[i].control.hand_over(f.pid(), Handover::Abort);
-                self.leftovers.push(f.child);
+                self.leftovers.push((f.child, Instant::now()));
             }
             return Some(("updated", None));
         }
@@ -840,10 +854,10 @@ impl Daemon {
         for st in [u.new.take(), u.fallback.take()].into_iter().flatten() {
             let pid = st.pid();
             self.servers[i].control.hand_over(pid, Handover::Abort);
-            self.leftovers.push(st.child);
+            self.leftovers.push((st.child, Instant::now()));
         }
         if let Some(Proc::Child(c)) = u.old.take() {
-            self.leftovers.push(c);
+            self.leftovers.push((c, Instant::now()));
         }
         let s = &mut self.servers[i];
         if result == "updated" {
@@ -945,15 +959,24 @@ impl Daemon {
     /// Reaps processes an update left behind (dismissed standbys, old instances);
     /// kills one that lingers.
     fn reap_leftovers(&mut self) {
-        self.leftovers.retain_mut(|c| match c.try_wait() {
+        let now = Instant::now();
+        self.leftovers.retain_mut(|(c, since)| match c.try_wait() {
             Ok(Some(_)) | Err(_) => false,
-            Ok(None) => true,
-        });
-        if self.leftovers.len() > 16 {
-            for c in &mut self.leftovers {
-                let _ = c.kill();
+            Ok(None) => {
+                // Told to go (Abort) or done: one that is still here after this (a build
+                // hung before it even waited for orders) is killed.
+                if now.duration_since(*since) >= LEFTOVER_LIMIT {
+                    warn!(
+                        pid = c.id(),
+                        "update: a process it left did not exit; killing it"
+                    );
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return false;
+                }
+                true
             }
-        }
+        });
     }
 
     /// Ends an update for `down`: standbys killed, the client told.
@@ -965,7 +988,7 @@ impl Daemon {
                 send(&c, &Answer::Error { message }, &[]);
             }
         }
-        for mut c in self.leftovers.drain(..) {
+        for (mut c, _) in self.leftovers.drain(..) {
             procs::reap_within(&mut c, Duration::from_secs(1));
         }
     }

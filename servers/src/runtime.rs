@@ -375,8 +375,12 @@ pub fn run<S: Server>(
             if first_poll {
                 first_poll = false;
                 control.set_first_poll_ns(monotonic_ns());
+                let p = server.poll()?;
+                crate::telemetry::flush_deferred_logs();
+                p
+            } else {
+                server.poll()?
             }
-            server.poll()?
         } else {
             Progress::IDLE
         };
@@ -563,6 +567,7 @@ where
     }
     let ordered = monotonic_ns();
     if standby {
+        crate::telemetry::defer_logs();
         // Whoever ran on this block last has stopped touching the rings (a predecessor that
         // handed off, or a successor the supervisor reaped): claim over it at once.
         keepnet_ipc::ring::take_over_from(boot.control().pid());
@@ -571,6 +576,7 @@ where
         Ok(s) => s,
         Err(e) => {
             error!(%e, "cannot start");
+            crate::telemetry::flush_deferred_logs();
             if standby {
                 boot.control().set_handover_result(false);
             }
@@ -590,6 +596,7 @@ where
         };
         if let Err(e) = restored {
             error!(%e, "restore refused; not taking over");
+            crate::telemetry::flush_deferred_logs();
             boot.control().set_handover_result(false);
             return ExitCode::from(1);
         }
@@ -626,7 +633,9 @@ where
         });
     }
     let (control, opts) = boot.into_parts();
-    match run(&mut server, &control, &opts) {
+    let end = run(&mut server, &control, &opts);
+    crate::telemetry::flush_deferred_logs();
+    match end {
         Ok(RunEnd::Stopped) => ExitCode::SUCCESS,
         Ok(RunEnd::HandedOff { successor }) => {
             // This instance touches no ring from here on: the successor claims over it
@@ -634,6 +643,16 @@ where
             // are compare-and-swaps that leave a taken-over claim alone.
             control.set_state(ServerState::Stopped);
             control.hand_over(successor, Handover::Restore);
+            // Stay off the CPU until the successor has polled (or 200 ms): our teardown and
+            // exit (unmapping everything) would otherwise run first on the core the
+            // successor woke on, and count in the blackout.
+            let me = std::process::id();
+            let until = std::time::Instant::now() + Duration::from_millis(200);
+            while (control.pid() == me || control.first_poll_ns() == 0)
+                && std::time::Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_micros(50));
+            }
             keepnet_ipc::region::keep_mappings_until_exit();
             drop(server);
             info!(successor, "handed over; exiting");

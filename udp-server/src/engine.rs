@@ -226,16 +226,19 @@ impl<S: Store> Engine<S> {
             next_ephemeral: start,
             counters: Counters::default(),
         };
+        // Free slots are collected first and the set built in one go (4096 single inserts
+        // took a few hundred microseconds of a live update's blackout).
+        let mut free = Vec::new();
         for (i, s) in slots.into_iter().enumerate() {
             let slot = i as u32;
             let Some(mut r) = s.record else {
-                e.free.insert(slot);
+                free.push(slot);
                 continue;
             };
             if r.local.port() == 0 || s.gen == 0 || e.conflicts(*r.local.ip(), r.local.port()) {
                 e.store.retract(slot);
                 e.counters.inc(Ctr::StateRepaired);
-                e.free.insert(slot);
+                free.push(slot);
                 continue;
             }
             if r.remote
@@ -258,6 +261,7 @@ impl<S: Store> Engine<S> {
                 },
             );
         }
+        e.free = free.into_iter().collect();
         e
     }
 

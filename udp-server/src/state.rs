@@ -480,7 +480,21 @@ impl Store for SocketTable {
         self.capacity
     }
     fn load(&self) -> Vec<SlotState> {
-        (0..self.capacity).map(|s| decode(self.read(s))).collect()
+        // A free slot is known from its head word: the other words are read only for
+        // sockets (most of a 4096-slot table is free, and a successor's start is blackout).
+        (0..self.capacity)
+            .map(|s| {
+                let head = self.load_word(Self::at(s, 0), Ordering::Acquire);
+                if head & IN_USE == 0 {
+                    SlotState {
+                        gen: (head >> 32) as u16,
+                        record: None,
+                    }
+                } else {
+                    decode(self.read(s))
+                }
+            })
+            .collect()
     }
     fn publish(&mut self, slot: u32, gen: u16, record: &Record) {
         self.apply(&self.plan_publish(slot, gen, record), WORDS);

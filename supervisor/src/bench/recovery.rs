@@ -133,7 +133,7 @@ impl Download {
     }
 }
 
-fn probe_command(exe: &Path, ns: &str, from: &str, bytes: u64) -> Command {
+pub(crate) fn probe_command(exe: &Path, ns: &str, from: &str, bytes: u64) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns])
         .arg(exe)
@@ -146,7 +146,13 @@ fn probe_command(exe: &Path, ns: &str, from: &str, bytes: u64) -> Command {
 }
 
 /// Runs one download (killed if `cancel` is set).
-fn download(exe: &Path, ns: &str, from: &str, bytes: u64, cancel: &AtomicBool) -> Download {
+pub(crate) fn download(
+    exe: &Path,
+    ns: &str,
+    from: &str,
+    bytes: u64,
+    cancel: &AtomicBool,
+) -> Download {
     let started_ns = monotonic_ns();
     let limit = Duration::from_secs_f64(DOWNLOAD_LIMIT_S + 15.0);
     let r = run_bounded_or_cancel(&mut probe_command(exe, ns, from, bytes), limit, cancel);
@@ -191,13 +197,13 @@ struct LoopShared {
 
 /// Downloads one after another until [`DownloadLoop::finish`]; on drop the one under way is
 /// killed and the thread joined.
-struct DownloadLoop {
+pub(crate) struct DownloadLoop {
     shared: Arc<LoopShared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DownloadLoop {
-    fn start(exe: PathBuf, ns: String, from: String, bytes: u64) -> DownloadLoop {
+    pub(crate) fn start(exe: PathBuf, ns: String, from: String, bytes: u64) -> DownloadLoop {
         let shared = Arc::new(LoopShared {
             more: AtomicBool::new(true),
             abort: AtomicBool::new(false),
@@ -215,7 +221,7 @@ impl DownloadLoop {
                 sh.active_since_ns.store(0, Ordering::SeqCst);
                 let failed = d.error.is_some();
                 if let Some(e) = &d.error {
-                    eprintln!("bench recovery: a download failed: {e}");
+                    eprintln!("bench: a download failed: {e}");
                 }
                 sh.done.lock().unwrap_or_else(|p| p.into_inner()).push(d);
                 if failed {
@@ -231,7 +237,7 @@ impl DownloadLoop {
     }
 
     /// Since when the download under way has run, if one is.
-    fn active_for(&self) -> Option<Duration> {
+    pub(crate) fn active_for(&self) -> Option<Duration> {
         match self.shared.active_since_ns.load(Ordering::SeqCst) {
             0 => None,
             t => Some(Duration::from_nanos(monotonic_ns().saturating_sub(t))),
@@ -240,7 +246,7 @@ impl DownloadLoop {
 
     /// Lets the download under way finish (it is bounded by its own time limit) and returns
     /// every download.
-    fn finish(mut self) -> Vec<Download> {
+    pub(crate) fn finish(mut self) -> Vec<Download> {
         self.shared.more.store(false, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -26,20 +26,17 @@
 //! removed on every exit path.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::child::{run_bounded_or_cancel, tail};
 use super::interrupt;
-use super::recovery::{Dip, Download, DownloadsReport, BUCKET_MS, SERVERS, WINDOW_BUCKETS};
+use super::recovery::{
+    download, Dip, Download, DownloadLoop, DownloadsReport, BUCKET_MS, SERVERS, WINDOW_BUCKETS,
+};
 use super::stats::{monotonic_ns, percentile};
-use super::tcp_probe::TcpProbeSummary;
 use super::udp::median;
 use crate::ctl::client;
 use crate::ctl::instance::Instance;
@@ -62,8 +59,7 @@ const WARM_UP_BYTES: u64 = 256 << 20;
 const DOWNLOAD_S: f64 = 10.0;
 const MIN_DOWNLOAD: u64 = 256 << 20;
 const MAX_DOWNLOAD: u64 = 32 << 30;
-/// Time limit of one download (a stall past this counts as a failure).
-const DOWNLOAD_LIMIT_S: f64 = 180.0;
+
 /// How long a server may take to be running again before the next update of it.
 const RUNNING_LIMIT: Duration = Duration::from_secs(20);
 /// Updates in a row that end with an error (no answer from the supervisor, refused before
@@ -127,134 +123,7 @@ impl UpdateBenchArgs {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Downloads, one after another, in a thread of their own (as in `bench recovery`).
-
-fn probe_command(exe: &Path, ns: &str, from: &str, bytes: u64) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns])
-        .arg(exe)
-        .args(["__tcp-probe", "bulk-recv", "--http", "--from", from])
-        .args(["--bytes", &bytes.to_string()])
-        .args(["--timeline-ms", &BUCKET_MS.to_string()])
-        .args(["--timeout-s", &DOWNLOAD_LIMIT_S.to_string()])
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
-/// Runs one download (killed if `cancel` is set).
-fn download(exe: &Path, ns: &str, from: &str, bytes: u64, cancel: &AtomicBool) -> Download {
-    let started_ns = monotonic_ns();
-    let limit = Duration::from_secs_f64(DOWNLOAD_LIMIT_S + 15.0);
-    let r = run_bounded_or_cancel(&mut probe_command(exe, ns, from, bytes), limit, cancel);
-    let ended_ns = monotonic_ns();
-    let (summary, error) = match r {
-        Err(e) => (None, Some(format!("the probe did not run: {e}"))),
-        Ok((status, out, err)) => {
-            let summary = out
-                .lines()
-                .rev()
-                .find(|l| l.trim_start().starts_with('{'))
-                .and_then(|l| serde_json::from_str::<TcpProbeSummary>(l).ok());
-            let error = match &summary {
-                Some(s) if s.passed && s.pattern_errors == Some(0) => None,
-                Some(s) => Some(s.error.clone().unwrap_or_else(|| "not ok".into())),
-                None => Some(format!(
-                    "the probe gave no summary ({}): {}",
-                    status.map_or("killed at its time limit".to_string(), |s| s.to_string()),
-                    tail(&err, 2)
-                )),
-            };
-            (summary, error)
-        }
-    };
-    Download {
-        started_ns,
-        ended_ns,
-        summary,
-        error,
-    }
-}
-
-struct LoopShared {
-    /// Start another download when one ends.
-    more: AtomicBool,
-    /// Kill the download under way now.
-    abort: AtomicBool,
-    /// CLOCK_MONOTONIC (ns) at which the download under way started; 0 between downloads.
-    active_since_ns: AtomicU64,
-    done: Mutex<Vec<Download>>,
-}
-
-/// Downloads one after another until [`DownloadLoop::finish`]; on drop the one under way is
-/// killed and the thread joined.
-struct DownloadLoop {
-    shared: Arc<LoopShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl DownloadLoop {
-    fn start(exe: PathBuf, ns: String, from: String, bytes: u64) -> DownloadLoop {
-        let shared = Arc::new(LoopShared {
-            more: AtomicBool::new(true),
-            abort: AtomicBool::new(false),
-            active_since_ns: AtomicU64::new(0),
-            done: Mutex::new(Vec::new()),
-        });
-        let sh = shared.clone();
-        let thread = std::thread::spawn(move || {
-            while sh.more.load(Ordering::SeqCst)
-                && !sh.abort.load(Ordering::SeqCst)
-                && !interrupt::interrupted()
-            {
-                sh.active_since_ns.store(monotonic_ns(), Ordering::SeqCst);
-                let d = download(&exe, &ns, &from, bytes, &sh.abort);
-                sh.active_since_ns.store(0, Ordering::SeqCst);
-                let failed = d.error.is_some();
-                if let Some(e) = &d.error {
-                    eprintln!("bench update: a download failed: {e}");
-                }
-                sh.done.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-                if failed {
-                    // Not a tight loop if the service is gone.
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        });
-        DownloadLoop {
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// Since when the download under way has run, if one is.
-    fn active_for(&self) -> Option<Duration> {
-        match self.shared.active_since_ns.load(Ordering::SeqCst) {
-            0 => None,
-            t => Some(Duration::from_nanos(monotonic_ns().saturating_sub(t))),
-        }
-    }
-
-    /// Lets the download under way finish (it is bounded by its own time limit) and returns
-    /// every download.
-    fn finish(mut self) -> Vec<Download> {
-        self.shared.more.store(false, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        std::mem::take(&mut *self.shared.done.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-impl Drop for DownloadLoop {
-    fn drop(&mut self) {
-        self.shared.more.store(false, Ordering::SeqCst);
-        self.shared.abort.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+// Downloads, one after another, in a thread of their own: `bench recovery`'s.
 
 // ---------------------------------------------------------------------------------------
 // Updates.
@@ -830,6 +699,7 @@ pub fn run(args: UpdateBenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::tcp_probe::TcpProbeSummary;
     use clap::Parser;
 
     #[derive(Parser)]

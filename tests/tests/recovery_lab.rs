@@ -494,7 +494,8 @@ fn supervisor_killed_and_restarted_during_a_download_restarts_no_server() {
     let mut lab = Lab::new("recsup", "[servers]\nheartbeat_ms = 1000\n");
     lab.up();
     let before = snapshot(&lab);
-    let mut dl = Download::start(&lab, GIB, Duration::from_secs(150));
+    // 4 GiB: still under way 1.5 s in on a machine several times faster than this one.
+    let mut dl = Download::start(&lab, 4 * GIB, Duration::from_secs(150));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         dl.running(),

@@ -2,7 +2,7 @@
 //! servers keep forwarding, and `keepnet up` re-adopts them from the state file instead of
 //! starting a second constellation. No root: two constellations joined by the memory wire,
 //! each with a runtime directory of its own (KEEPNET_RUN_DIR), an application on b echoing
-//! 96 MiB through a's TCP echo service while a supervisor is killed with SIGKILL.
+//! 512 MiB through a's TCP echo service while a supervisor is killed with SIGKILL.
 //!
 //! Checked: no server is restarted (same pids and generations, restarts 0), the echo
 //! completes byte for byte, `keepnet status` works again; then what re-adoption recovered
@@ -311,7 +311,7 @@ fn temp_dir(tag: &str) -> TempDir {
     TempDir(dir)
 }
 
-/// (a) a's supervisor (the echo service's side) dies in the middle of a 96 MiB echo.
+/// (a) a's supervisor (the echo service's side) dies in the middle of a 512 MiB echo.
 #[test]
 fn the_echo_side_supervisor_killed_mid_echo_is_re_adopted_with_no_server_restarted() {
     let _w = Watchdog::arm("re-adopt side a", Duration::from_secs(400));
@@ -325,7 +325,8 @@ fn the_echo_side_supervisor_killed_mid_echo_is_re_adopted_with_no_server_restart
     let service_pid = num(&before["services"][0], "pid");
     assert!(service_pid != 0, "no tcp-echo service: {before:#}");
 
-    let mut app = App::echo(&b, &dir.0, "echo1", "198.18.11.1:7", 96 << 20, 61);
+    // Long enough to outlast the kill and the re-adoption on a fast machine (96 MiB did not).
+    let mut app = App::echo(&b, &dir.0, "echo1", "198.18.11.1:7", 512 << 20, 61);
     // Well into the transfer: a's tcp server has moved some segments.
     a.wait_for("the echo under way", Duration::from_secs(30), |st| {
         num(&server(st, "tcp")["counters"], "rx.segments") > 2000
@@ -417,7 +418,8 @@ fn the_application_side_supervisor_killed_mid_echo_is_re_adopted_and_detaches_th
     let mut b = Instance::up(&dir.0, &format!("{tag}b"), &cb);
     let before = b.status();
 
-    let mut app = App::echo(&b, &dir.0, "echo1", "198.18.12.1:7", 96 << 20, 71);
+    // Long enough to outlast the kill and the re-adoption on a fast machine (96 MiB did not).
+    let mut app = App::echo(&b, &dir.0, "echo1", "198.18.12.1:7", 512 << 20, 71);
     b.wait_for("the echo under way", Duration::from_secs(30), |st| {
         num(&server(st, "tcp")["counters"], "rx.segments") > 2000
     });

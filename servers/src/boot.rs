@@ -180,7 +180,13 @@ impl Boot {
             // Applications' regions (`app.ID`, a few MiB each) get their pages faulted in now:
             // the successor maps them again from the hotplug socket's fds, and finds these.
             let app = name.starts_with("app.");
-            if let Ok(r) = Region::premap(dup, app) {
+            let small = std::fs::File::from(match fd.try_clone() {
+                Ok(f) => f,
+                Err(_) => continue,
+            })
+            .metadata()
+            .is_ok_and(|m| m.len() <= POPULATE_LIMIT);
+            if let Ok(r) = Region::premap(dup, app || small) {
                 if !app {
                     self.mapped.insert(name, r);
                 }
@@ -263,6 +269,11 @@ impl Boot {
         (self.control, self.options)
     }
 }
+
+/// Regions up to this size are mapped by a standby with their pages faulted in (the
+/// transport pools, the udp socket table, control blocks); larger ones (the tcp state table)
+/// would take long and pin memory the server may never touch.
+const POPULATE_LIMIT: u64 = 16 << 20;
 
 /// Inherited fds nobody took, open until the process exits.
 static KEPT: std::sync::Mutex<Vec<OwnedFd>> = std::sync::Mutex::new(Vec::new());

@@ -554,6 +554,11 @@ where
     }
     let standby = boot.options().standby;
     if standby {
+        // On its core already when the order comes: pinning then (in `run`) would move the
+        // process in the middle of the blackout.
+        if let Some(c) = boot.options().core {
+            pin(c);
+        }
         boot.premap();
     }
     let order = if standby {

@@ -194,16 +194,22 @@ impl Doorbell {
         // runs, make no syscall. Still no lost wake-up: the consumer re-arms `sleeping` and
         // re-checks on every park, and its futex_wait compares `epoch`, bumped here.
         if s.sleeping.load(Ordering::Relaxed) != 0 && s.sleeping.swap(0, Ordering::SeqCst) != 0 {
-            s.epoch.fetch_add(1, Ordering::SeqCst);
-            s.wakes.fetch_add(1, Ordering::Relaxed);
-            match &self.efd {
-                Some(fd) => {
-                    let one = 1u64.to_ne_bytes();
-                    // EAGAIN (counter saturated) still leaves the fd readable: nothing to do.
-                    let _ = nix::unistd::write(fd, &one);
-                }
-                None => futex_wake(&s.epoch),
+            self.wake();
+        }
+    }
+
+    /// Bumps `epoch` and wakes the waiter(s): through the eventfd, or the futex.
+    fn wake(&self) {
+        let s = self.shm();
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.wakes.fetch_add(1, Ordering::Relaxed);
+        match &self.efd {
+            Some(fd) => {
+                let one = 1u64.to_ne_bytes();
+                // EAGAIN (counter saturated) still leaves the fd readable: nothing to do.
+                let _ = nix::unistd::write(fd, &one);
             }
+            None => futex_wake(&s.epoch),
         }
     }
 
@@ -212,18 +218,9 @@ impl Doorbell {
     /// ring skip another): bumps `epoch` and wakes every waiter, whatever `sleeping` says.
     /// Costs a syscall every time; not for the data path.
     pub fn ring_all(&self) {
-        let s = self.shm();
         fence(Ordering::SeqCst);
-        s.sleeping.store(0, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
-        s.wakes.fetch_add(1, Ordering::Relaxed);
-        match &self.efd {
-            Some(fd) => {
-                let one = 1u64.to_ne_bytes();
-                let _ = nix::unistd::write(fd, &one);
-            }
-            None => futex_wake(&s.epoch),
-        }
+        self.shm().sleeping.store(0, Ordering::Relaxed);
+        self.wake();
     }
 
     /// Consumer side: waits until `ready()` is true, spinning per `policy` then parking, or

@@ -414,6 +414,23 @@ pub struct DownloadsReport {
     pub failures: Vec<String>,
 }
 
+impl DownloadsReport {
+    /// What `done`, downloads of `bytes_each` bytes, came to.
+    pub(crate) fn of(done: &[Download], bytes_each: u64) -> DownloadsReport {
+        let ok: Vec<&Download> = done.iter().filter(|d| d.error.is_none()).collect();
+        DownloadsReport {
+            count: done.len(),
+            ok: ok.len(),
+            bytes_each,
+            bytes_ok: ok
+                .iter()
+                .filter_map(|d| d.summary.as_ref().and_then(|s| s.bytes))
+                .sum(),
+            failures: done.iter().filter_map(|d| d.error.clone()).collect(),
+        }
+    }
+}
+
 /// The `--json` output.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryReport {
@@ -698,23 +715,13 @@ pub fn run(args: RecoveryArgs) -> Result<()> {
             r
         })
         .collect();
-    let ok: Vec<&Download> = done.iter().filter(|d| d.error.is_none()).collect();
     let report = RecoveryReport {
         target_us: TARGET_US,
         bucket_ms: BUCKET_MS,
         window_ms: BUCKET_MS * WINDOW_BUCKETS as u64,
         kills_per_server: args.kills,
         servers,
-        downloads: DownloadsReport {
-            count: done.len(),
-            ok: ok.len(),
-            bytes_each: bytes,
-            bytes_ok: ok
-                .iter()
-                .filter_map(|d| d.summary.as_ref().and_then(|s| s.bytes))
-                .sum(),
-            failures: done.iter().filter_map(|d| d.error.clone()).collect(),
-        },
+        downloads: DownloadsReport::of(&done, bytes),
         kills,
     };
     if let Err(e) = inst.down() {

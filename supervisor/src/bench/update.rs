@@ -652,7 +652,6 @@ pub fn run(args: UpdateBenchArgs) -> Result<()> {
             r
         })
         .collect();
-    let ok: Vec<&Download> = done.iter().filter(|d| d.error.is_none()).collect();
     let report = UpdateBenchReport {
         target_p50_us: TARGET_P50_US,
         target_p99_us: TARGET_P99_US,
@@ -662,16 +661,7 @@ pub fn run(args: UpdateBenchArgs) -> Result<()> {
         updates_per_server: args.updates,
         grace_ms: args.grace,
         servers,
-        downloads: DownloadsReport {
-            count: done.len(),
-            ok: ok.len(),
-            bytes_each: bytes,
-            bytes_ok: ok
-                .iter()
-                .filter_map(|d| d.summary.as_ref().and_then(|s| s.bytes))
-                .sum(),
-            failures: done.iter().filter_map(|d| d.error.clone()).collect(),
-        },
+        downloads: DownloadsReport::of(&done, bytes),
         updates,
     };
     if let Err(e) = inst.down() {

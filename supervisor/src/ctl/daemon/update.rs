@@ -156,7 +156,6 @@ struct Standby {
     child: Child,
     pidfd: Option<OwnedFd>,
     start: u64,
-    binary: PathBuf,
 }
 
 impl Standby {
@@ -450,7 +449,6 @@ impl Daemon {
             pidfd: pidfd_open(pid).ok(),
             start: procs::start_time(pid).unwrap_or(0),
             child,
-            binary: binary.to_path_buf(),
         })
     }
 
@@ -469,8 +467,6 @@ impl Daemon {
             return;
         };
         let now = Instant::now();
-        let i = u.server;
-        let name = self.servers[i].name;
         let done: Option<(&'static str, Option<String>)> =
             match std::mem::replace(&mut u.step, Step::Loading { until: now }) {
                 Step::Loading { until } => self.poll_loading(&mut u, until, now),
@@ -486,7 +482,6 @@ impl Daemon {
         } else {
             self.update = Some(u);
         }
-        let _ = name;
     }
 
     fn poll_loading(
@@ -845,7 +840,6 @@ impl Daemon {
         s.phase = Phase::Up;
         s.beat = (s.control.heartbeat(), now);
         s.beat_wait = None;
-        let _ = st.binary;
         let _ = self.write_state();
     }
 

@@ -321,6 +321,23 @@ pub fn seed(test: &str) -> u64 {
     s
 }
 
+/// Kills supervisor `pid` with SIGKILL and waits (at most 10 s) until it has exited.
+pub fn kill_supervisor_and_wait(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("kill -9 the supervisor (pid {pid}): {e}"));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !exited(pid) {
+        assert!(
+            std::time::Instant::now() < end,
+            "supervisor {pid} alive after SIGKILL"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// True if process `pid` has exited (gone, or a zombie nobody reaped yet).
 pub fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

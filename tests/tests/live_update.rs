@@ -1139,16 +1139,7 @@ fn supervisor_killed_mid_update(
         .map(describe_process)
         .collect();
     eprintln!("tcp processes when the supervisor is killed: {during:#?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap_or_else(|e| panic!("kill -9 the supervisor (pid {sup}): {e}"));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !exited(sup) {
-        assert!(Instant::now() < end, "supervisor {sup} alive after SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    keepnet_tests::harness::kill_supervisor_and_wait(sup);
     let r = p.finish_update(bg, Duration::from_secs(10));
     assert_eq!(r.code, Some(1), "the update's client: {}", r.text());
     // Standbys of the interrupted update withdraw (their supervisor is gone), or take over

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keepnet_tests::harness::{exited, heavy_lock, seed, Rng, Watchdog};
+use keepnet_tests::harness::{heavy_lock, seed, Rng, Watchdog};
 use keepnet_tests::lab::{root_or_skip, server, Lab};
 use keepnet_tests::loads::{udp_probe, Download, Downloads, UdpLoad, UdpTotals};
 
@@ -503,16 +503,7 @@ fn supervisor_killed_and_restarted_during_a_download_restarts_no_server() {
     );
     let sup = lab.status()["supervisor_pid"].as_u64().unwrap_or(0) as u32;
     assert!(sup > 1, "no supervisor pid in the status");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap_or_else(|e| panic!("kill -9 the supervisor (pid {sup}): {e}"));
-    let end = Instant::now() + Duration::from_secs(10);
-    while !exited(sup) {
-        assert!(Instant::now() < end, "supervisor {sup} alive after SIGKILL");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    keepnet_tests::harness::kill_supervisor_and_wait(sup);
     // The servers forward on their own meanwhile; only control operations wait.
     std::thread::sleep(Duration::from_millis(1000));
     assert!(

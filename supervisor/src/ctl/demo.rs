@@ -414,23 +414,8 @@ fn crashes_during_a_download(
             );
         }
     }
-    let curl_exit = err
-        .lines()
-        .find_map(|l| l.strip_prefix("curl_exit="))
-        .map(str::trim)
-        .unwrap_or("?")
-        .to_string();
-    for l in err.lines().filter(|l| !l.starts_with("curl_exit=")) {
-        eprintln!("{l}");
-    }
-    let got = out.split_whitespace().next().unwrap_or("").to_string();
-    let right = got == crate::bench::tcp::pattern_sha256(bytes);
-    println!(
-        "download of {bytes} bytes through the four crashes: curl exit {curl_exit}, sha256 {got} \
-         ({})",
-        if right { "right" } else { "WRONG" }
-    );
-    Ok(all_back && all_mid && curl_exit == "0" && right)
+    let intact = download_checked(&out, &err, bytes, "the four crashes");
+    Ok(all_back && all_mid && intact)
 }
 
 /// Live-updates the tcp server with `keepnet update tcp` (to the binary it runs, the default
@@ -509,6 +494,14 @@ fn update_during_a_download(
         );
     }
     let (out, err) = dl.finish(Duration::from_secs(160));
+    let intact = download_checked(&out, &err, bytes, "the update");
+    Ok(updated && mid_before && mid_after && intact)
+}
+
+/// A finished curl download of `bytes` pattern bytes (its stdout: the SHA-256; its stderr:
+/// `curl_exit=N` and anything else, echoed): prints how it went `through` what, and says
+/// whether curl exited 0 with the right SHA-256.
+fn download_checked(out: &str, err: &str, bytes: u64, through: &str) -> bool {
     let curl_exit = err
         .lines()
         .find_map(|l| l.strip_prefix("curl_exit="))
@@ -521,8 +514,8 @@ fn update_during_a_download(
     let got = out.split_whitespace().next().unwrap_or("").to_string();
     let right = got == crate::bench::tcp::pattern_sha256(bytes);
     println!(
-        "download of {bytes} bytes through the update: curl exit {curl_exit}, sha256 {got} ({})",
+        "download of {bytes} bytes through {through}: curl exit {curl_exit}, sha256 {got} ({})",
         if right { "right" } else { "WRONG" }
     );
-    Ok(updated && mid_before && mid_after && curl_exit == "0" && right)
+    curl_exit == "0" && right
 }
